@@ -1,0 +1,58 @@
+# crio-py: `make run` runs all five services, `make test` runs the tests.
+# Both install what is missing first (Debian packages as root, then a virtualenv).
+
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+CRIOPY := $(VENV)/bin/criopy
+CNI_CONF_DIR ?= /etc/cni/net.d
+
+# Real parts: the OCI runtime, the container monitor, CNI plugins, busybox for
+# test images, a registry, the tools netd and runtimed call, and the pause-like
+# init of pods that share a PID namespace.
+DEBIAN_PACKAGES := runc conmon containernetworking-plugins busybox-static docker-registry \
+	iproute2 iptables catatonit libcap2-bin kmod python3-venv
+
+.PHONY: all setup debian-packages venv cni-config run test bench clean
+
+all: setup
+
+setup: debian-packages venv
+
+debian-packages:
+	@missing=""; \
+	for pkg in $(DEBIAN_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,otlp]'
+	touch $@
+
+# The default CNI network, unless the machine already has one.
+cni-config:
+	@if ! ls $(CNI_CONF_DIR)/*.conf $(CNI_CONF_DIR)/*.conflist >/dev/null 2>&1; then \
+		install -D -m 0644 deploy/cni/10-criopy-bridge.conflist $(CNI_CONF_DIR)/10-criopy-bridge.conflist; \
+		echo "installed the default CNI network in $(CNI_CONF_DIR)"; \
+	fi
+
+run: setup cni-config
+	exec $(CRIOPY) run
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m tests.bench
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,1 @@
+"""The five processes of crio-py, one package each."""

@@ -1,0 +1,39 @@
+"""The frontend's bus clients, one per daemon."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq.asyncio
+
+from shared.bus.client import BusClient
+from shared.config import Config
+from shared.services import DAEMONS, service_class
+
+
+class Daemons:
+    """`daemons.call("runtimed", "create_container", deadline=..., **params)`."""
+
+    def __init__(self, config: Config, context: zmq.asyncio.Context) -> None:
+        self.config = config
+        self.clients: dict[str, BusClient] = {
+            name: BusClient(name, config.bus_endpoint(name), service_class(name).bus_methods(), context=context)
+            for name in DAEMONS
+        }
+
+    def connect(self) -> None:
+        for client in self.clients.values():
+            client.connect()
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+
+    async def call(self, daemon: str, method: str, *, deadline: float, **params: Any) -> Any:
+        return await self.clients[daemon].call(method, deadline=deadline, **params)
+
+    async def health(self, daemon: str) -> dict[str, Any]:
+        """The daemon's health, waiting at most the configured probe timeout."""
+        deadline = time.time() + self.config.criopy.bus.health_timeout
+        return await self.clients[daemon].call("health", deadline=deadline)

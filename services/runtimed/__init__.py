@@ -1,0 +1,1 @@
+"""The runtimed service."""

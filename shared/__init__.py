@@ -1,0 +1,1 @@
+"""crio-py's common library: the bus, errors, configuration, logging, tracing and privileges."""

@@ -1,0 +1,1 @@
+"""The ZeroMQ bus between the frontend and the daemons."""

@@ -1,0 +1,186 @@
+"""The caller side of the bus: one DEALER socket per daemon, used by the frontend.
+
+Modelled on the ZeroMQ guide's "lazy pirate": the socket never queues a request
+for a daemon that is not connected (ZMQ_IMMEDIATE), so such a request fails at
+once and is retried; a socket monitor notices a daemon that goes away mid-call
+and fails its pending requests. Idempotent methods are retried with backoff
+until the caller's deadline; a non-idempotent one is retried only when it was
+never delivered. When the deadline passes the caller gets UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any, Mapping
+
+import structlog
+import zmq
+import zmq.asyncio
+from opentelemetry import trace
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
+from zmq.utils.monitor import parse_monitor_message
+
+from shared import tracing
+from shared.bus.envelope import MalformedMessage, Request, decode_reply
+from shared.bus.service import MethodSpec
+from shared.errors import CriopyError, Unavailable
+
+log = structlog.get_logger(__name__)
+
+
+class _NotDelivered(Unavailable):
+    """The request never left: no daemon was connected. Safe to retry any method."""
+
+
+class _ConnectionLost(Unavailable):
+    """The daemon went away after the request was sent: its outcome is unknown."""
+
+
+class _NoAnswer(Unavailable):
+    """No reply came before the deadline."""
+
+
+class BusClient:
+    def __init__(self, service: str, endpoint: str, methods: Mapping[str, MethodSpec], *,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        self.service = service
+        self.endpoint = endpoint
+        self._methods = methods
+        self._context = context or zmq.asyncio.Context.instance()
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._socket: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connected = asyncio.Event()
+        self._retry_wait = wait_exponential(multiplier=0.05, max=1.0)
+
+    # -- connection -------------------------------------------------------
+
+    def connect(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)
+        self._socket = sock
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(sock), name=f"bus-client-{self.service}"),
+            asyncio.create_task(self._monitor_loop(monitor), name=f"bus-monitor-{self.service}"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._socket is not None:
+            self._socket.disable_monitor()
+            self._socket.close(linger=0)
+            self._socket = None
+        self._fail_pending(Unavailable(f"connection to {self.service} closed"))
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                reply = decode_reply(frames[-1])
+            except MalformedMessage as e:
+                log.warning("bus_reply_dropped", daemon=self.service, reason=e.message)
+                continue
+            future = self._pending.get(reply.id)
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_CONNECTED:
+                    self._connected.set()
+                    log.debug("bus_connected", daemon=self.service)
+                elif event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._connected.clear()
+                    log.info("bus_disconnected", daemon=self.service)
+                    self._fail_pending(_ConnectionLost(f"{self.service} went away while serving the request"))
+        finally:
+            monitor.close(linger=0)
+
+    def _fail_pending(self, error: CriopyError) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    # -- calls ------------------------------------------------------------
+
+    def is_idempotent(self, method: str) -> bool:
+        spec = self._methods.get(method)
+        return spec is not None and spec.idempotent
+
+    async def call(self, method: str, *, deadline: float, **params: Any) -> Any:
+        """Call `method` on the daemon; retries as the method allows until `deadline` (unix time)."""
+        idempotent = self.is_idempotent(method)
+
+        def retriable(error: BaseException) -> bool:
+            if isinstance(error, _NotDelivered):
+                return True
+            return idempotent and isinstance(error, CriopyError) and error.retriable
+
+        def wait(state: Any) -> float:
+            return max(0.0, min(self._retry_wait(state), deadline - time.time()))
+
+        def out_of_time(_state: Any) -> bool:
+            return time.time() >= deadline
+
+        with tracing.tracer(__name__).start_as_current_span(
+                f"bus {self.service}.{method}", kind=trace.SpanKind.CLIENT,
+                attributes={"rpc.system": "criopy-bus", "rpc.service": self.service, "rpc.method": method}) as span:
+            attempts = itertools.count(1)
+            try:
+                async for attempt in AsyncRetrying(retry=retry_if_exception(retriable), wait=wait,
+                                                   stop=out_of_time, reraise=True):
+                    with attempt:
+                        span.set_attribute("criopy.bus.attempts", next(attempts))
+                        return await self._attempt(method, params, deadline)
+            except (_NotDelivered, _NoAnswer, _ConnectionLost) as e:
+                if isinstance(e, _ConnectionLost) and not idempotent:
+                    raise Unavailable(
+                        f"{self.service} went away while serving {method}, which is not safe to retry; "
+                        "its outcome is unknown", retriable=False) from None
+                raise Unavailable(
+                    f"{self.service} is unavailable: no answer to {method} before the deadline ({e.message})",
+                    retriable=False) from None
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, method: str, params: dict[str, Any], deadline: float) -> Any:
+        if self._socket is None:
+            raise Unavailable(f"bus client for {self.service} is closed", retriable=False)
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise _NoAnswer("the deadline passed", retriable=False)
+        request = Request(method=method, params=params, deadline=deadline,
+                          traceparent=tracing.current_traceparent())
+        payload = request.encode()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = future
+        try:
+            try:
+                await self._socket.send(payload, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                raise _NotDelivered(f"{self.service} is not connected") from None
+            try:
+                async with asyncio.timeout(remaining):
+                    reply = await future
+            except TimeoutError:
+                raise _NoAnswer(f"{self.service} did not answer {method} in time", retriable=False) from None
+        finally:
+            self._pending.pop(request.id, None)
+        if reply.error is not None:
+            raise reply.error
+        return reply.result

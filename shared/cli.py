@@ -1,0 +1,157 @@
+"""The `criopy` command: run, service, status, restart, config, version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+from shared import config as configuration
+from shared.config import Config, ConfigSources
+from shared.errors import ConfigError, CriopyError
+from shared.services import START_ORDER
+from shared.version import RUNTIME_API_VERSION, RUNTIME_NAME, VERSION
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="criopy", description="crio-py: a Kubernetes CRI runtime.")
+    parser.add_argument("--config", help=f"configuration file (default {configuration.DEFAULT_CONFIG_FILE})")
+    parser.add_argument("--config-dir", help=f"drop-in directory (default {configuration.DEFAULT_CONFIG_DIR})")
+    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                        help="set any option, e.g. --set crio.runtime.log_level=debug (repeatable)")
+    for dotted, (flag, var) in configuration.OVERRIDES.items():
+        parser.add_argument(flag, dest=f"opt:{dotted}", metavar="VALUE", help=f"{dotted} (env {var})")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run all five services in the foreground")
+    service = commands.add_parser("service", help="run a single service")
+    service.add_argument("name", choices=START_ORDER)
+    status = commands.add_parser("status", help="report each service")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    restart = commands.add_parser("restart", help="restart one service of a running `criopy run`")
+    restart.add_argument("name", choices=START_ORDER)
+    config = commands.add_parser("config", help="print the effective configuration as TOML")
+    config.add_argument("--defaults", action="store_true", help="print the defaults, each option commented")
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def _sources(args: argparse.Namespace) -> ConfigSources:
+    overrides: dict[str, Any] = {}
+    for dotted in configuration.OVERRIDES:
+        value = getattr(args, f"opt:{dotted}")
+        if value is not None:
+            overrides[dotted] = configuration.parse_override_value(value)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected TABLE.KEY=VALUE")
+        overrides[key.strip()] = configuration.parse_override_value(value.strip())
+    return ConfigSources(config_file=args.config, config_dir=args.config_dir, overrides=overrides)
+
+
+async def _ask(config: Config, target: str, method: str, timeout: float, **params: Any) -> Any:
+    import zmq.asyncio
+
+    from shared.bus.client import BusClient
+    from shared.services import service_class
+    from shared.supervisor import SupervisorApi
+
+    cls = SupervisorApi if target == "supervisor" else service_class(target)
+    context = zmq.asyncio.Context.instance()
+    client = BusClient(target, config.bus_endpoint(target), cls.bus_methods(), context=context)
+    client.connect()
+    try:
+        return await client.call(method, deadline=time.time() + timeout, **params)
+    finally:
+        await client.close()
+
+
+async def _status(config: Config) -> dict[str, Any]:
+    async def one(name: str) -> dict[str, Any]:
+        try:
+            return {"state": "up", **await _ask(config, name, "health", config.criopy.bus.health_timeout)}
+        except CriopyError as e:
+            return {"service": name, "state": "down", "error": e.message}
+
+    healths = await asyncio.gather(*(one(name) for name in START_ORDER))
+    report = {h["service"]: h for h in healths}
+    try:
+        supervised = await _ask(config, "supervisor", "services", config.criopy.bus.health_timeout)
+    except CriopyError:
+        supervised = []
+    for child in supervised:
+        entry = report.get(child["name"])
+        if entry is not None:
+            entry.update(restarts=child["restarts"], last_error=child["last_error"])
+    return report
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    out = sys.stdout
+    out.write(f"{'SERVICE':<10} {'STATE':<6} {'PID':>7} {'UPTIME':>9} {'VERSION':<8} {'RESTARTS':>8}  CAPABILITIES\n")
+    for name, h in report.items():
+        pid = h.get("pid") or "-"
+        uptime = f"{h['uptime']:.0f}s" if "uptime" in h else "-"
+        caps = ",".join(c.removeprefix("CAP_") for c in h.get("capabilities", [])) or ("none" if h["state"] == "up" else "-")
+        restarts = h.get("restarts", "-")
+        out.write(f"{name:<10} {h['state']:<6} {pid:>7} {uptime:>9} {h.get('version', '-'):<8} {restarts:>8}  {caps}\n")
+        if h.get("error"):
+            out.write(f"{'':<10} {h['error']}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "version":
+            sys.stdout.write(f"{RUNTIME_NAME} {VERSION} (CRI {RUNTIME_API_VERSION})\n")
+            return 0
+        if args.command == "config" and args.defaults:
+            sys.stdout.write(configuration.defaults_with_comments())
+            return 0
+        sources = _sources(args)
+        config = configuration.load(sources)
+        if args.command == "config":
+            sys.stdout.write(config.to_toml())
+            return 0
+        if args.command == "service":
+            from shared.daemon import run_service
+
+            return run_service(args.name, config)
+        if args.command == "run":
+            from shared import log, tracing
+            from shared.supervisor import Supervisor
+
+            log.configure("supervisor", config.crio.runtime.log_level, config.criopy.log.log_format)
+            tracing.configure("supervisor", config.crio.tracing)
+            return asyncio.run(Supervisor(config, sources).run())
+        if args.command in ("status", "restart"):
+            from shared import log
+
+            log.configure("criopy", "warning", "auto")
+        if args.command == "status":
+            report = asyncio.run(_status(config))
+            if args.json:
+                sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            else:
+                _print_status(report)
+            return 0 if all(h["state"] == "up" for h in report.values()) else 1
+        if args.command == "restart":
+            result = asyncio.run(_ask(config, "supervisor", "restart", 10.0, service=args.name))
+            sys.stdout.write(f"restarting {args.name} (pid was {result.get('pid')})\n")
+            return 0
+    except ConfigError as e:
+        sys.stderr.write(f"criopy: configuration error: {e.message}\n")
+        return 2
+    except CriopyError as e:
+        sys.stderr.write(f"criopy: {e.message}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The typed errors of crio-py.
+
+Every failure that crosses a process boundary is one of these. Each class
+carries the name of the gRPC status code it maps to (the frontend maps the name
+to a `grpc.StatusCode` in one place), so a daemon raises `NotFound(...)` and
+the kubelet receives NOT_FOUND with the same message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CriopyError(Exception):
+    """Base of every error that is reported to a caller."""
+
+    code: str = "UNKNOWN"
+    retriable: bool = False
+
+    def __init__(self, message: str, *, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retriable is not None:
+            self.retriable = retriable
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "retriable": self.retriable}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class Cancelled(CriopyError):
+    code = "CANCELLED"
+
+
+class InvalidArgument(CriopyError):
+    code = "INVALID_ARGUMENT"
+
+
+class DeadlineExceeded(CriopyError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class NotFound(CriopyError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(CriopyError):
+    code = "ALREADY_EXISTS"
+
+
+class PermissionDenied(CriopyError):
+    code = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(CriopyError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(CriopyError):
+    code = "FAILED_PRECONDITION"
+
+
+class Aborted(CriopyError):
+    code = "ABORTED"
+
+
+class OutOfRange(CriopyError):
+    code = "OUT_OF_RANGE"
+
+
+class Unimplemented(CriopyError):
+    code = "UNIMPLEMENTED"
+
+
+class Internal(CriopyError):
+    code = "INTERNAL"
+
+
+class Unavailable(CriopyError):
+    code = "UNAVAILABLE"
+    retriable = True
+
+
+class DataLoss(CriopyError):
+    code = "DATA_LOSS"
+
+
+class Unauthenticated(CriopyError):
+    code = "UNAUTHENTICATED"
+
+
+class ConfigError(CriopyError):
+    """A configuration file or flag is wrong; raised before anything starts."""
+
+    code = "INVALID_ARGUMENT"
+
+
+_BY_CODE: dict[str, type[CriopyError]] = {
+    cls.code: cls
+    for cls in (
+        Cancelled, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists,
+        PermissionDenied, ResourceExhausted, FailedPrecondition, Aborted,
+        OutOfRange, Unimplemented, Internal, Unavailable, DataLoss, Unauthenticated,
+    )
+}
+
+CODES: frozenset[str] = frozenset(_BY_CODE) | {"UNKNOWN"}
+
+
+def from_wire(error: Any) -> CriopyError:
+    """Rebuild a typed error from a bus reply's error map (never raises)."""
+    if not isinstance(error, dict):
+        return Internal(f"malformed error in reply: {error!r:.200}")
+    code = error.get("code")
+    message = str(error.get("message", ""))
+    retriable = bool(error.get("retriable", False))
+    cls = _BY_CODE.get(code) if isinstance(code, str) else None
+    if cls is None:
+        err = CriopyError(message, retriable=retriable)
+        return err
+    return cls(message, retriable=retriable)

@@ -1,0 +1,81 @@
+"""Structured logs: one JSON object per line on stderr, in every process.
+
+Every line carries the service name, and the request id and trace id of the
+call being served when there is one (`bind_request`), so one CRI call can be
+followed through all five processes. On a terminal the lines are rendered for
+people instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Iterator
+from contextlib import contextmanager
+
+import structlog
+from opentelemetry import trace
+
+_service = "criopy"
+
+_LEVELS = {
+    "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
+    "error": logging.ERROR, "fatal": logging.CRITICAL, "panic": logging.CRITICAL,
+}
+
+
+def _add_service(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.setdefault("service", _service)
+    return event
+
+
+def _add_trace(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event
+
+
+def configure(service: str, level: str = "info", fmt: str = "auto") -> None:
+    """Set up structlog (and the stdlib logging of libraries) for this process."""
+    global _service
+    _service = service
+    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = structlog.dev.ConsoleRenderer(colors=False) if console else structlog.processors.JSONRenderer()
+    shared_processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_service,
+        _add_trace,
+    ]
+    numeric = _LEVELS.get(level.lower(), logging.INFO)
+    structlog.configure(
+        processors=[*shared_processors, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (grpc, httpx, asyncio) log through the standard library: same format.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared_processors,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO) if numeric > logging.DEBUG else logging.DEBUG)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def bind_request(request_id: str, **fields: Any) -> Iterator[None]:
+    """Tag every line logged inside the block with the request id (and more fields)."""
+    with structlog.contextvars.bound_contextvars(request_id=request_id, **fields):
+        yield
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)

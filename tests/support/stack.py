@@ -1,0 +1,156 @@
+"""Running crio-py for tests: the whole `criopy run` supervisor, or one service, in short temp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cri_api.v1 import api_pb2, api_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def short_tempdir(prefix: str = "cp-") -> Path:
+    """A temp dir with a short path: unix socket paths must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@dataclass
+class Dirs:
+    base: Path
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def runroot(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def cni(self) -> Path:
+        return self.base / "cni"
+
+    @property
+    def netns(self) -> Path:
+        return self.base / "netns"
+
+    @property
+    def logs(self) -> Path:
+        return self.base / "logs"
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "run" / "criopy.sock"
+
+    @property
+    def config_file(self) -> Path:
+        return self.base / "criopy.conf"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.base / "criopy.conf.d"
+
+    def make(self) -> "Dirs":
+        for d in (self.root, self.runroot, self.cni, self.netns, self.logs, self.config_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if not self.config_file.exists():
+            self.config_file.write_text("")
+        return self
+
+    def flags(self, *extra: str) -> list[str]:
+        return [
+            "--config", str(self.config_file), "--config-dir", str(self.config_dir),
+            "--root", str(self.root), "--runroot", str(self.runroot), "--listen", str(self.socket),
+            "--cni-config-dir", str(self.cni), "--netns-dir", str(self.netns), "--log-dir", str(self.logs),
+            "--log-format", "json", *extra,
+        ]
+
+
+def criopy(dirs: Dirs, *args: str, extra_flags: tuple[str, ...] = (), timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *dirs.flags(*extra_flags), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Stack:
+    """A running `criopy run` and CRI clients on its socket."""
+
+    dirs: Dirs
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    channel: grpc.Channel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{self.dirs.socket}")
+        self.runtime = api_pb2_grpc.RuntimeServiceStub(self.channel)
+        self.images = api_pb2_grpc.ImageServiceStub(self.channel)
+
+    def status(self) -> dict[str, Any]:
+        result = criopy(self.dirs, "status", "--json")
+        return json.loads(result.stdout)
+
+    def pid(self, service: str) -> int:
+        pid = self.status()[service].get("pid")
+        assert pid, f"{service} is not running: {self.status()[service]}"
+        return int(pid)
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.time() + timeout
+        last: dict[str, Any] = {}
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"criopy run exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                last = self.status()
+                if all(s.get("state") == "up" and s.get("ready") for s in last.values()):
+                    self.runtime.Version(api_pb2.VersionRequest(), timeout=2)
+                    return last
+            except (json.JSONDecodeError, grpc.RpcError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"crio-py did not become ready: {last}\n{self.logs()[-4000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_stack(dirs: Dirs, *extra_flags: str, env: dict[str, str] | None = None) -> Stack:
+    dirs.make()
+    log_path = dirs.base / "criopy.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *dirs.flags(*extra_flags), "run"],
+            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    stack = Stack(dirs, process, log_path)
+    try:
+        stack.wait_ready()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def remove_dirs(dirs: Dirs) -> None:
+    shutil.rmtree(dirs.base, ignore_errors=True)
