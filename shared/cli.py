@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     restart = commands.add_parser("restart", help="restart one service of a running `criopy run`")
     restart.add_argument("name", choices=START_ORDER)
+    commands.add_parser("reload", help="reload the configuration of a running `criopy run` (like SIGHUP)")
     config = commands.add_parser("config", help="print the effective configuration as TOML")
     config.add_argument("--defaults", action="store_true", help="print the defaults, each option commented")
     commands.add_parser("version", help="print the version")
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "service":
             from shared.daemon import run_service
 
-            return run_service(args.name, config)
+            return run_service(args.name, config, sources)
         if args.command == "run":
             from shared import log, tracing
             from shared.supervisor import Supervisor
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.configure("supervisor", config.crio.runtime.log_level, config.criopy.log.log_format)
             tracing.configure("supervisor", config.crio.tracing)
             return asyncio.run(Supervisor(config, sources).run())
-        if args.command in ("status", "restart"):
+        if args.command in ("status", "restart", "reload"):
             from shared import log
 
             log.configure("criopy", "warning", "auto")
@@ -138,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_status(report)
             return 0 if all(h["state"] == "up" for h in report.values()) else 1
+        if args.command == "reload":
+            changes = asyncio.run(_ask(config, "supervisor", "reload", 10.0))
+            sys.stdout.write(json.dumps(changes, indent=2, sort_keys=True, default=str) + "\n")
+            return 0
         if args.command == "restart":
             result = asyncio.run(_ask(config, "supervisor", "restart", 10.0, service=args.name))
             sys.stdout.write(f"restarting {args.name} (pid was {result.get('pid')})\n")

@@ -11,13 +11,16 @@ import zmq.asyncio
 from shared import log as logs
 from shared import privileges, tracing
 from shared.bus.server import BusServer
-from shared.config import Config
+from shared.bus.service import Service
+from shared.config import Config, ConfigSources
+from shared.errors import ConfigError
+from shared.reload import ReloadResult, reload_into
 from shared.services import service_class
 
 log = structlog.get_logger(__name__)
 
 
-def run_service(name: str, config: Config) -> int:
+def run_service(name: str, config: Config, sources: ConfigSources) -> int:
     cls = service_class(name)
     # Capabilities are per thread: drop them while this is the only thread,
     # before any request can be read.
@@ -26,17 +29,41 @@ def run_service(name: str, config: Config) -> int:
     tracing.configure(name, config.crio.tracing)
     log.info("service_starting", capabilities=sorted(kept))
     try:
-        asyncio.run(_serve(cls(config), config))
+        asyncio.run(_serve(cls(config), config, sources))
     finally:
         tracing.shutdown()
     return 0
 
 
-async def _serve(service, config: Config) -> None:  # type: ignore[no-untyped-def]
+async def reload_service(service: Service, sources: ConfigSources) -> ReloadResult | None:
+    """Apply a changed configuration to a running service; a broken one is refused."""
+    try:
+        result = reload_into(service.config, sources)
+    except ConfigError as e:
+        log.error("config_reload_refused", error=e.message)
+        return None
+    config = service.config
+    logs.configure(service.name, config.crio.runtime.log_level, config.criopy.log.log_format)
+    if any(path.startswith("crio.tracing.") for path in result.applied):
+        tracing.configure(service.name, config.crio.tracing)
+    await service.apply_config(result)
+    log.info("config_reloaded", **result.describe())
+    return result
+
+
+async def _serve(service: Service, config: Config, sources: ConfigSources) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.create_task(reload_service(service, sources))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     context = zmq.asyncio.Context()
     server = BusServer(service, config.bus_endpoint(service.name),
                        max_message_bytes=config.criopy.bus.max_message_bytes, context=context)

@@ -22,7 +22,8 @@ import zmq.asyncio
 from shared.bus.server import BusServer
 from shared.bus.service import Service, method
 from shared.config import Config, ConfigSources
-from shared.errors import InvalidArgument
+from shared.errors import ConfigError, InvalidArgument
+from shared.reload import reload_into
 from shared.services import START_ORDER
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,11 @@ class SupervisorApi(Service):
     @method(idempotent=True)
     async def services(self) -> list[dict[str, Any]]:
         return [child.describe() for child in self.supervisor.children.values()]
+
+    @method(idempotent=False)
+    async def reload(self) -> dict[str, Any]:
+        """Read the configuration again; refused (and nothing changes) when it is broken."""
+        return self.supervisor.reload()
 
     @method(idempotent=False)
     async def restart(self, service: str) -> dict[str, Any]:
@@ -116,6 +122,25 @@ class Supervisor:
                 return
             await self._spawn(child)
 
+    def reload(self) -> dict[str, Any]:
+        """Check the configuration files, then have every service reload them."""
+        try:
+            result = reload_into(self.config, self.sources)
+        except ConfigError as e:
+            log.error("config_reload_refused", error=e.message)
+            raise
+        for child in self.children.values():
+            if child.process is not None and child.process.returncode is None:
+                child.process.send_signal(signal.SIGHUP)
+        log.info("config_reloaded", **result.describe())
+        return result.describe()
+
+    def _on_hangup(self) -> None:
+        try:
+            self.reload()
+        except ConfigError:
+            pass  # logged; the running configuration stays
+
     async def restart(self, child: Child) -> None:
         if child.process is None or child.process.returncode is not None:
             return
@@ -140,6 +165,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         context = zmq.asyncio.Context()
         api = SupervisorApi(self.config, self)
         server = BusServer(api, self.config.bus_endpoint("supervisor"),

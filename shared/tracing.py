@@ -17,9 +17,9 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared.config import TracingConfig
@@ -34,27 +34,68 @@ def _compact(span: ReadableSpan) -> str:
     return json.dumps(json.loads(span.to_json()), separators=(",", ":")) + "\n"
 
 
+class _Switchable(SpanProcessor, Sampler):
+    """The exporter and sampler of the process, replaceable when the configuration is reloaded
+    (OpenTelemetry allows one tracer provider per process)."""
+
+    def __init__(self) -> None:
+        self.processor: SpanProcessor | None = None
+        self.sampler: Sampler = ParentBased(TraceIdRatioBased(1.0))
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.processor is not None:
+            self.processor.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.processor is not None:
+            self.processor.on_end(span)
+
+    def shutdown(self) -> None:
+        if self.processor is not None:
+            self.processor.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.processor.force_flush(timeout_millis) if self.processor is not None else True
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return self.sampler.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return f"criopy({self.sampler.get_description()})"
+
+
+_switch = _Switchable()
+
+
+def _processor(settings: TracingConfig) -> SpanProcessor | None:
+    if not settings.enable_tracing:
+        return None
+    if settings.tracing_exporter == "console":
+        return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout, formatter=_compact))
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        raise ConfigError(
+            "crio.tracing: the otlp exporter needs the package "
+            "opentelemetry-exporter-otlp-proto-grpc (pip install 'crio-py[otlp]')") from None
+    return BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.tracing_endpoint, insecure=True))
+
+
 def configure(service: str, settings: TracingConfig) -> None:
+    """Set up this process's tracing, or change its exporter and sampling after a reload."""
     global _provider
     rate = max(0, min(settings.tracing_sampling_rate_per_million, 1_000_000)) / 1_000_000
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": f"criopy-{service}", "service.version": VERSION}),
-        sampler=ParentBased(TraceIdRatioBased(rate)),
-    )
-    if settings.enable_tracing:
-        if settings.tracing_exporter == "console":
-            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout, formatter=_compact)))
-        else:
-            try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            except ImportError:
-                raise ConfigError(
-                    "crio.tracing: the otlp exporter needs the package "
-                    "opentelemetry-exporter-otlp-proto-grpc (pip install 'crio-py[otlp]')") from None
-            provider.add_span_processor(BatchSpanProcessor(
-                OTLPSpanExporter(endpoint=settings.tracing_endpoint, insecure=True)))
-    trace.set_tracer_provider(provider)
-    _provider = provider
+    old = _switch.processor
+    _switch.processor = _processor(settings)
+    _switch.sampler = ParentBased(TraceIdRatioBased(rate))
+    if old is not None:
+        old.shutdown()
+    if _provider is None:
+        _provider = TracerProvider(
+            resource=Resource.create({"service.name": f"criopy-{service}", "service.version": VERSION}),
+            sampler=_switch)
+        _provider.add_span_processor(_switch)
+        trace.set_tracer_provider(_provider)
 
 
 def tracer(name: str = "criopy") -> trace.Tracer:

@@ -22,7 +22,7 @@ from opentelemetry import trace
 from services.frontend.grpc_errors import status_code
 from services.frontend.registry import CallContext, load_handlers
 from services.frontend.routing import route_to_owner
-from shared import tracing
+from shared import metrics, tracing
 from shared.config import Config
 from shared.errors import CriopyError, Internal, Unimplemented
 from shared.log import bind_request
@@ -39,6 +39,16 @@ _SERVICES = {
 }
 
 
+def _ids(request: Any) -> dict[str, str]:
+    """The pod and container ids a request names, for its log lines."""
+    ids = {}
+    for name in ("pod_sandbox_id", "container_id"):
+        value = getattr(request, name, "")
+        if isinstance(value, str) and value:
+            ids[name] = value
+    return ids
+
+
 class _Wrapper:
     def __init__(self, daemons: Any, config: Config) -> None:
         self.daemons = daemons
@@ -53,10 +63,12 @@ class _Wrapper:
         return CallContext(self.daemons, self.config, time.time() + remaining, uuid.uuid4().hex[:16], grpc_context)
 
     def unary(self, full_name: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        operation = full_name.split("/")[1]
+
         async def method(_servicer: Any, request: Any, grpc_context: grpc.aio.ServicerContext) -> Any:
             call = self._context(grpc_context)
             error: CriopyError | None = None
-            with bind_request(call.request_id, cri_method=full_name), \
+            with bind_request(call.request_id, cri_method=full_name, **_ids(request)), \
                     tracing.tracer(__name__).start_as_current_span(
                         f"/runtime.v1.{full_name}", kind=trace.SpanKind.SERVER,
                         attributes={"rpc.system": "grpc", "rpc.method": full_name}) as span:
@@ -69,7 +81,10 @@ class _Wrapper:
                     log.exception("cri_call_crashed")
                     error = Internal(f"{full_name} failed: {e}")
                     span.record_exception(e)
-                elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+                elapsed = time.monotonic() - started
+                elapsed_ms = round(elapsed * 1000, 3)
+                metrics.OPERATIONS.labels(operation, error.code if error else "OK").inc()
+                metrics.OPERATION_LATENCY.labels(operation).observe(elapsed)
                 if error is None:
                     log.debug("cri_call", duration_ms=elapsed_ms, code="OK")
                     return response

@@ -22,7 +22,7 @@ from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 from zmq.utils.monitor import parse_monitor_message
 
-from shared import tracing
+from shared import metrics, tracing
 from shared.bus.envelope import MalformedMessage, Request, decode_reply
 from shared.bus.service import MethodSpec
 from shared.errors import CriopyError, Unavailable
@@ -126,7 +126,19 @@ class BusClient:
     async def call(self, method: str, *, deadline: float, **params: Any) -> Any:
         """Call `method` on the daemon; retries as the method allows until `deadline` (unix time)."""
         idempotent = self.is_idempotent(method)
+        started = time.monotonic()
+        outcome = "OK"
+        try:
+            return await self._call_with_retries(method, params, deadline, idempotent)
+        except CriopyError as e:
+            outcome = e.code
+            raise
+        finally:
+            metrics.BUS_CALLS.labels(self.service, method, outcome).inc()
+            metrics.BUS_CALL_LATENCY.labels(self.service, method).observe(time.monotonic() - started)
 
+    async def _call_with_retries(self, method: str, params: dict[str, Any], deadline: float,
+                                 idempotent: bool) -> Any:
         def retriable(error: BaseException) -> bool:
             if isinstance(error, _NotDelivered):
                 return True

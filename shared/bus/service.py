@@ -20,11 +20,14 @@ import inspect
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
 
-from shared import privileges
+from shared import metrics, privileges
 from shared.config import Config
 from shared.version import VERSION
+
+if TYPE_CHECKING:
+    from shared.reload import ReloadResult
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -70,6 +73,9 @@ class Service:
     async def stop(self) -> None:
         """Release what `start` acquired."""
 
+    async def apply_config(self, result: "ReloadResult") -> None:
+        """React to options changed live (already copied into self.config); see shared/reload.py."""
+
     def readiness(self) -> dict[str, Any]:
         """Extra fields for `health`, e.g. whether the network is configured."""
         return {}
@@ -86,8 +92,14 @@ class Service:
             "uptime": time.time() - self.started_at,
             "started_at": self.started_at,
             "capabilities": sorted(privileges.effective_capabilities()),
+            "log_level": self.config.crio.runtime.log_level,
             **self.readiness(),
         }
+
+    @method(idempotent=True)
+    async def metrics(self) -> str:
+        """This process's Prometheus metrics, in the text exposition format."""
+        return metrics.exposition()
 
     # -- introspection used by the bus server -----------------------------
 
