@@ -10,9 +10,9 @@ CNI_CONF_DIR ?= /etc/cni/net.d
 
 # Real parts: the OCI runtime, the container monitor, CNI plugins, busybox for
 # test images, a registry, the tools netd and runtimed call, and the pause-like
-# init of pods that share a PID namespace.
+# init of pods that share a PID namespace; skopeo is the benchmark's yardstick.
 DEBIAN_PACKAGES := runc conmon containernetworking-plugins busybox-static docker-registry \
-	iproute2 iptables catatonit libcap2-bin kmod python3-venv
+	iproute2 iptables catatonit libcap2-bin kmod python3-venv skopeo
 
 .PHONY: all setup debian-packages venv cni-config run test bench clean
 
@@ -40,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The default CNI network, unless the machine already has one.
 cni-config:
-	@if ! ls $(CNI_CONF_DIR)/*.conf $(CNI_CONF_DIR)/*.conflist >/dev/null 2>&1; then \
+	@if ! ls $(CNI_CONF_DIR)/*.conf $(CNI_CONF_DIR)/*.conflist $(CNI_CONF_DIR)/*.json >/dev/null 2>&1; then \
 		install -D -m 0644 deploy/cni/10-criopy-bridge.conflist $(CNI_CONF_DIR)/10-criopy-bridge.conflist; \
 		echo "installed the default CNI network in $(CNI_CONF_DIR)"; \
 	fi

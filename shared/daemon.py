@@ -10,6 +10,7 @@ import zmq.asyncio
 
 from shared import log as logs
 from shared import privileges, tracing
+from shared.bus.events import EventPublisher
 from shared.bus.server import BusServer
 from shared.bus.service import Service
 from shared.config import Config, ConfigSources
@@ -67,6 +68,9 @@ async def _serve(service: Service, config: Config, sources: ConfigSources) -> No
     context = zmq.asyncio.Context()
     server = BusServer(service, config.bus_endpoint(service.name),
                        max_message_bytes=config.criopy.bus.max_message_bytes, context=context)
+    if service.publishes_events:
+        service.publisher = EventPublisher(config.events_endpoint(service.name), context)
+        service.publisher.bind()
     try:
         # State is reloaded and reconciled before the first request is read.
         await service.start()
@@ -78,5 +82,7 @@ async def _serve(service: Service, config: Config, sources: ConfigSources) -> No
     finally:
         await server.close()
         await service.stop()
+        if service.publisher is not None:
+            service.publisher.close()
         context.term()
     log.info("service_stopped")

@@ -17,6 +17,7 @@ class Daemons:
 
     def __init__(self, config: Config, context: zmq.asyncio.Context) -> None:
         self.config = config
+        self.events: Any = None  # the EventHub, set by the frontend
         self.clients: dict[str, BusClient] = {
             name: BusClient(name, config.bus_endpoint(name), service_class(name).bus_methods(), context=context)
             for name in DAEMONS

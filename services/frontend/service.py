@@ -6,6 +6,7 @@ import grpc
 import zmq.asyncio
 
 from services.frontend.daemons import Daemons
+from services.frontend.event_hub import EventHub
 from services.frontend.grpc_server import start_server
 from services.frontend.metrics_endpoint import MetricsEndpoint
 from shared.bus.client import BusClient
@@ -18,17 +19,25 @@ class Frontend(Service):
     # Serves sockets and calls the daemons: it needs no capability.
     capabilities = frozenset()
 
+    _grpc: grpc.aio.Server | None = None
+    _metrics: MetricsEndpoint | None = None
+    _supervisor: BusClient | None = None
+    daemons: Daemons | None = None
+    events: EventHub | None = None
+
     async def start(self) -> None:
         self._context = zmq.asyncio.Context.instance()
         self.daemons = Daemons(self.config, self._context)
         self.daemons.connect()
-        self._grpc: grpc.aio.Server = await start_server(self.daemons, self.config)
+        self.events = EventHub(self.config, self._context)
+        self.events.start()
+        self.daemons.events = self.events
+        self._grpc = await start_server(self.daemons, self.config)
         from shared.supervisor import SupervisorApi
 
         self._supervisor = BusClient("supervisor", self.config.bus_endpoint("supervisor"),
                                      SupervisorApi.bus_methods(), context=self._context)
         self._supervisor.connect()
-        self._metrics: MetricsEndpoint | None = None
         await self._start_metrics()
 
     async def _start_metrics(self) -> None:
@@ -46,6 +55,11 @@ class Frontend(Service):
     async def stop(self) -> None:
         if self._metrics is not None:
             await self._metrics.close()
-        await self._supervisor.close()
-        await self._grpc.stop(grace=2)
-        await self.daemons.close()
+        if self._supervisor is not None:
+            await self._supervisor.close()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=2)
+        if self.events is not None:
+            await self.events.close()
+        if self.daemons is not None:
+            await self.daemons.close()

@@ -2,10 +2,251 @@
 
 from __future__ import annotations
 
-from shared.bus.service import Service
+import asyncio
+import re
+import ssl
+import time
+from typing import Any
+
+import httpx
+import structlog
+
+from services.imaged import reference as refs
+from services.imaged.blobstore import BlobStore, disk_usage
+from services.imaged.puller import Puller
+from services.imaged.records import ImageRecords
+from services.imaged.registries_conf import RegistriesConfFile
+from shared.bus.service import Service, method
+from shared.config import Config
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = structlog.get_logger(__name__)
+
+# An id prefix shorter than this is taken for a name, never for an id.
+MIN_ID_PREFIX = 12
+_ID_PREFIX_RE = re.compile(r"^(?:sha256:)?([a-f0-9]{%d,64})$" % MIN_ID_PREFIX)
+
+
+def _public(record: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
+    config = dict(record["config"])
+    out = {
+        "id": record["id"],
+        "repo_tags": record["repo_tags"],
+        "repo_digests": record["repo_digests"],
+        "size": record["size"],
+        "pinned": record["pinned"],
+        "top_layer": record["top_layer"],
+        "created": config.pop("created", ""),
+        "config": config,
+        "layers": record["layers"],
+        "manifest_digest": record["manifest_digest"],
+    }
+    if verbose:
+        out["manifest_media_type"] = record["manifest_media_type"]
+        out["blobs"] = record["blobs"]
+    return out
 
 
 class Imaged(Service):
     name = "imaged"
     # Talks to registries and writes only its own store: no capability at all.
     capabilities = frozenset()
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.state_dir = config.state_dir("imaged")
+        self.store = BlobStore(self.state_dir / "blobs")
+        self.registries = RegistriesConfFile(config.crio.image.registries_conf,
+                                             config.crio.image.insecure_registries)
+        self.records: ImageRecords | None = None
+        self.http: httpx.AsyncClient | None = None
+        self.puller: Puller | None = None
+        # Blobs no record needs are swept only while no pull runs: a pull may
+        # be relying on a blob it found present but has not recorded yet.
+        self._gc_lock = asyncio.Lock()
+        self._active_pulls = 0
+        self._gc_pending = False
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        def prepare() -> ImageRecords:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.store.setup()
+            return ImageRecords(self.state_dir / "images.db")
+
+        self.records = await asyncio.to_thread(prepare)
+        self.registries.get()  # a broken registries.conf stops start-up with its message
+        # System CAs (not a bundled list), as the host's other tools use. No
+        # proxy or .netrc from the environment: settings come from the config.
+        tls = ssl.create_default_context()
+        self.http = httpx.AsyncClient(
+            verify=tls, trust_env=False, follow_redirects=True, headers={"User-Agent": "crio-py"},
+            timeout=httpx.Timeout(60.0, connect=15.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+        self.puller = Puller(self.config, self.http, self.store, self.records, self.registries)
+        images = await asyncio.to_thread(self._reconcile_sync)
+        log.info("imaged_started", state_dir=str(self.state_dir), images=len(images),
+                 not_ready=sum(1 for i in images if not i["ready"]))
+        self.ready = True
+
+    def _reconcile_sync(self) -> list[dict[str, Any]]:
+        """Hide images whose blobs went missing from the store, so that the next pull fetches them."""
+        assert self.records is not None
+        images = self.records.all(ready_only=False)
+        for image in images:
+            needed = [(l["digest"], l["size"]) for l in image["layers"]] + [(d, None) for d in image["blobs"]]
+            missing = [d for d, size in needed if not self.store.has(d, size)]
+            if missing and image["ready"]:
+                self.records.update(image["id"], ready=0)
+                image["ready"] = False
+                log.warning("image_blobs_missing", image_id=image["id"], missing=missing)
+        return images
+
+    async def stop(self) -> None:
+        self.ready = False
+        puller, http, records = self.puller, self.http, self.records
+        self.puller = self.http = self.records = None
+        if puller is not None:
+            await puller.close()
+        if http is not None:
+            await http.aclose()
+        if records is not None:
+            await asyncio.to_thread(records.close)
+
+    # -- resolution ----------------------------------------------------------
+
+    def _resolve_sync(self, text: str) -> dict[str, Any] | None:
+        """The record `text` names: an image id, a tag, a digest, or a unique id prefix."""
+        assert self.records is not None
+        if not isinstance(text, str) or not text:
+            raise InvalidArgument("image reference is empty")
+        image_id = refs.image_id_of(text)
+        if image_id is not None:
+            return self.records.get(image_id)
+        try:
+            candidates = refs.candidates(text, self.registries.get().unqualified_search_registries)
+        except InvalidArgument:
+            candidates = []
+            if not _ID_PREFIX_RE.match(text):
+                raise
+        for ref in candidates:
+            record = self.records.by_name(ref.digested if ref.digest else ref.tagged)  # type: ignore[arg-type]
+            if record is not None:
+                return record
+        m = _ID_PREFIX_RE.match(text)
+        if m:
+            found = self.records.by_id_prefix(f"sha256:{m.group(1)}")
+            if len(found) == 1:
+                return found[0]
+        return None
+
+    async def _resolve(self, text: str, *, ready_only: bool = True) -> dict[str, Any] | None:
+        record = await asyncio.to_thread(self._resolve_sync, text)
+        if record is not None and ready_only and not record["ready"]:
+            return None
+        return record
+
+    # -- the bus API -----------------------------------------------------------
+
+    @method(idempotent=True)
+    async def pull(self, reference: str, auth: dict | None = None) -> dict:
+        """Fetch and verify an image into the store; its record is not listed until mark_ready."""
+        assert self.puller is not None
+        async with self._gc_lock:
+            self._active_pulls += 1
+        try:
+            return await self.puller.pull(reference, auth)
+        finally:
+            self._active_pulls -= 1
+            if self._active_pulls == 0 and self._gc_pending:
+                await self._sweep_blobs()
+
+    async def _sweep_blobs(self) -> None:
+        async with self._gc_lock:
+            if self._active_pulls or not self._gc_pending:
+                return
+            self._gc_pending = False
+            removed = await asyncio.to_thread(self._sweep_sync)
+        if removed:
+            log.info("blobs_removed", count=removed)
+
+    def _sweep_sync(self) -> int:
+        assert self.records is not None
+        keep = self.records.referenced_blobs()
+        removed = 0
+        for digest in self.store.digests() - keep:
+            self.store.remove(digest)
+            removed += 1
+        return removed
+
+    @method(idempotent=True)
+    async def mark_ready(self, image_id: str) -> dict:
+        assert self.records is not None
+        if not await asyncio.to_thread(self.records.update, image_id, ready=1):
+            raise NotFound(f"image {image_id} not found")
+        return {"image_id": image_id, "ready": True}
+
+    @method(idempotent=True)
+    async def set_top_layer(self, image_id: str, top_layer: str) -> dict:
+        assert self.records is not None
+        if not await asyncio.to_thread(self.records.update, image_id, top_layer=top_layer):
+            raise NotFound(f"image {image_id} not found")
+        return {"image_id": image_id, "top_layer": top_layer}
+
+    @method(idempotent=True)
+    async def image_status(self, reference: str, verbose: bool = False) -> dict | None:
+        record = await self._resolve(reference)
+        return None if record is None else _public(record, verbose)
+
+    @method(idempotent=True)
+    async def list_images(self, reference: str | None = None) -> list[dict]:
+        assert self.records is not None
+        if reference:
+            record = await self._resolve(reference)
+            return [] if record is None else [_public(record)]
+        return [_public(r) for r in await asyncio.to_thread(self.records.all)]
+
+    @method(idempotent=True)
+    async def remove_image(self, reference: str, in_use: list[str] | None = None) -> dict:
+        """Remove an image by id, tag or digest; a tag that other tags share is only untagged.
+
+        `in_use` lists image ids that containers use: removing one of those
+        fails (untagging it does not). A missing image is not an error.
+        """
+        assert self.records is not None
+        records = self.records
+        record = await self._resolve(reference, ready_only=False)
+        if record is None:
+            return {"image_id": None, "deleted": False, "untagged": []}
+        by_tag = None
+        if refs.image_id_of(reference) is None and not _ID_PREFIX_RE.match(reference):
+            for ref in refs.candidates(reference, self.registries.get().unqualified_search_registries):
+                if not ref.digest and ref.tagged in record["repo_tags"]:
+                    by_tag = ref.tagged
+        if by_tag is not None and len(record["repo_tags"]) > 1:
+            await asyncio.to_thread(records.remove_name, by_tag)
+            log.info("image_untagged", image_id=record["id"], tag=by_tag)
+            return {"image_id": record["id"], "deleted": False, "untagged": [by_tag]}
+        if record["id"] in (in_use or []):
+            raise FailedPrecondition(
+                f"image {reference} ({record['id']}) is in use by a container and cannot be removed")
+        await asyncio.to_thread(records.delete, record["id"])
+        self._gc_pending = True
+        await self._sweep_blobs()
+        log.info("image_removed", image_id=record["id"], names=record["repo_tags"] + record["repo_digests"])
+        return {"image_id": record["id"], "deleted": True,
+                "untagged": record["repo_tags"] + record["repo_digests"], "top_layer": record["top_layer"]}
+
+    @method(idempotent=True)
+    async def top_layers(self) -> list[str]:
+        """The top layer of every image, ready or still being pulled: what storaged must keep."""
+        assert self.records is not None
+        records = await asyncio.to_thread(self.records.all, ready_only=False)
+        return sorted({r["top_layer"] for r in records if r["top_layer"]})
+
+    @method(idempotent=True)
+    async def fs_info(self) -> dict:
+        used, inodes = await asyncio.to_thread(disk_usage, self.state_dir)
+        return {"mountpoint": str(self.state_dir), "used_bytes": used, "inodes_used": inodes,
+                "timestamp_ns": time.time_ns()}

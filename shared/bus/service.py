@@ -27,6 +27,7 @@ from shared.config import Config
 from shared.version import VERSION
 
 if TYPE_CHECKING:
+    from shared.bus.events import EventPublisher
     from shared.reload import ReloadResult
 
 Handler = Callable[..., Awaitable[Any]]
@@ -59,11 +60,19 @@ class Service:
     # Linux capabilities (CAP_* names) the service keeps; every other one is
     # dropped at start. None means "all that this machine grants".
     capabilities: ClassVar[frozenset[str] | None] = frozenset()
+    # Whether the service publishes events (on config.events_endpoint(name)).
+    publishes_events: ClassVar[bool] = False
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
         self.ready = False
+        self.publisher: "EventPublisher | None" = None  # set by the daemon runner
+
+    def publish(self, topic: str, event: dict[str, Any]) -> None:
+        """Publish an event to the frontend (dropped when nobody listens)."""
+        if self.publisher is not None:
+            self.publisher.publish(topic, event)
 
     # -- life cycle -------------------------------------------------------
 

@@ -152,5 +152,15 @@ def start_stack(dirs: Dirs, *extra_flags: str, env: dict[str, str] | None = None
     return stack
 
 
+def unmount_below(base: Path) -> None:
+    """Unmount everything mounted under `base` (netns pins, overlays), deepest first."""
+    prefix = str(base.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].replace("\\040", " ") for line in f]
+    for point in sorted({p for p in points if (p + "/").startswith(prefix)}, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
 def remove_dirs(dirs: Dirs) -> None:
+    unmount_below(dirs.base)
     shutil.rmtree(dirs.base, ignore_errors=True)

@@ -1,0 +1,15 @@
+"""ListImages: the ready images, optionally those one reference names."""
+
+from __future__ import annotations
+
+from cri_api.v1 import api_pb2
+
+from services.frontend.image_convert import to_image
+from services.frontend.registry import CallContext, cri_method
+
+
+@cri_method("ListImages")
+async def list_images(request: api_pb2.ListImagesRequest, call: CallContext) -> api_pb2.ListImagesResponse:
+    reference = request.filter.image.image if request.HasField("filter") else ""
+    records = await call.daemon("imaged", "list_images", reference=reference or None)
+    return api_pb2.ListImagesResponse(images=[to_image(r) for r in records])

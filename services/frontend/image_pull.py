@@ -1,0 +1,26 @@
+"""PullImage: imaged fetches and verifies, storaged unpacks, imaged marks the image ready."""
+
+from __future__ import annotations
+
+import structlog
+from cri_api.v1 import api_pb2
+
+from services.frontend.image_convert import auth_params, image_reference
+from services.frontend.registry import CallContext, cri_method
+
+log = structlog.get_logger(__name__)
+
+
+@cri_method("PullImage")
+async def pull_image(request: api_pb2.PullImageRequest, call: CallContext) -> api_pb2.PullImageResponse:
+    reference = image_reference(request.image)
+    pulled = await call.daemon("imaged", "pull", reference=reference, auth=auth_params(request.auth))
+    image_id = pulled["image_id"]
+    # A failed unpack leaves the record not ready (unlisted) and its verified
+    # blobs in place: there is nothing to undo, and a repeated pull resumes.
+    unpacked = await call.daemon("storaged", "unpack", layers=pulled["layers"])
+    if unpacked.get("top_layer"):
+        await call.daemon("imaged", "set_top_layer", image_id=image_id, top_layer=unpacked["top_layer"])
+    await call.daemon("imaged", "mark_ready", image_id=image_id)
+    log.info("image_pulled", image=reference, image_id=image_id, layers=len(pulled["layers"]))
+    return api_pb2.PullImageResponse(image_ref=image_id)

@@ -1,0 +1,20 @@
+"""ImageStatus: an empty response (not an error) for a missing image, as the kubelet expects."""
+
+from __future__ import annotations
+
+from cri_api.v1 import api_pb2
+
+from services.frontend.image_convert import image_reference, to_image, verbose_info
+from services.frontend.registry import CallContext, cri_method
+
+
+@cri_method("ImageStatus")
+async def image_status(request: api_pb2.ImageStatusRequest, call: CallContext) -> api_pb2.ImageStatusResponse:
+    record = await call.daemon("imaged", "image_status", reference=image_reference(request.image),
+                               verbose=request.verbose)
+    if record is None:
+        return api_pb2.ImageStatusResponse()
+    response = api_pb2.ImageStatusResponse(image=to_image(record))
+    if request.verbose:
+        response.info.update(verbose_info(record))
+    return response

@@ -1,0 +1,67 @@
+"""The on-disk cache of CNI ADD results, laid out as libcni lays it out.
+
+One file per attachment, `<dir>/results/<network>-<container id>-<ifname>`,
+holding the network configuration list that was used, the CNI_ARGS and
+capability arguments, and the result. DEL and CHECK read it back, so they use
+exactly what ADD used even after the configuration directory changed or netd
+restarted.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.netd import statefiles
+
+
+@dataclass(frozen=True)
+class CachedAttachment:
+    network_name: str
+    container_id: str
+    ifname: str
+    config: str                         # the network list JSON
+    cni_args: list[list[str]]
+    capability_args: dict[str, Any]
+    result: dict[str, Any]
+
+
+class ResultCache:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def path(self, network_name: str, container_id: str, ifname: str) -> Path:
+        return self.directory / "results" / f"{network_name}-{container_id}-{ifname}"
+
+    def save(self, entry: CachedAttachment) -> None:
+        statefiles.write_json(self.path(entry.network_name, entry.container_id, entry.ifname), {
+            "kind": "cniCacheV1",
+            "containerId": entry.container_id,
+            "ifName": entry.ifname,
+            "networkName": entry.network_name,
+            "config": base64.b64encode(entry.config.encode()).decode(),
+            "cniArgs": entry.cni_args,
+            "capabilityArgs": entry.capability_args,
+            "result": entry.result,
+        })
+
+    def load(self, network_name: str, container_id: str, ifname: str) -> CachedAttachment | None:
+        """The cached attachment, or None if missing or unreadable."""
+        try:
+            data = statefiles.read_json(self.path(network_name, container_id, ifname))
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("kind") != "cniCacheV1":
+            return None
+        try:
+            return CachedAttachment(
+                network_name=data["networkName"], container_id=data["containerId"], ifname=data["ifName"],
+                config=base64.b64decode(data["config"]).decode(), cni_args=data.get("cniArgs") or [],
+                capability_args=data.get("capabilityArgs") or {}, result=data["result"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def remove(self, network_name: str, container_id: str, ifname: str) -> None:
+        statefiles.remove(self.path(network_name, container_id, ifname))

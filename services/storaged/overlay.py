@@ -1,0 +1,78 @@
+"""Overlay mounts of container root filesystems.
+
+Mounting runs the `mount_syscall.py` child program in the layer store's
+directory, so that the lower directories can be given as short relative paths
+(`l/<short name>`) and an image with hundreds of layers still fits the
+kernel's one-page limit on mount options. Unmounting needs no working
+directory and is a plain umount2(2) in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import os
+import resource
+import sys
+from pathlib import Path
+
+import structlog
+
+from shared.errors import DeadlineExceeded, Internal, ResourceExhausted
+
+log = structlog.get_logger(__name__)
+
+_HELPER = Path(__file__).with_name("mount_syscall.py")
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+# The kernel copies at most one page of mount data, including the final NUL.
+MAX_OPTIONS_BYTES = resource.getpagesize() - 1
+
+
+def options(lowers: list[str], upper: str, work: str) -> str:
+    """Mount data for an overlay; `lowers` top first, paths relative to the store."""
+    return f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},index=off"
+
+
+async def mount(cwd: str, target: str, data: str, *, timeout: float = 30.0) -> None:
+    """Mount an overlay on `target` with `data` whose relative paths start at `cwd`."""
+    if len(data.encode()) > MAX_OPTIONS_BYTES:
+        raise ResourceExhausted(
+            f"overlay mount options for {target} are {len(data.encode())} bytes, more than the "
+            f"kernel's limit of {MAX_OPTIONS_BYTES}: the image has too many layers")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-S", str(_HELPER), "overlay", target, data,
+        cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise DeadlineExceeded(f"mounting the overlay on {target} took more than {timeout:g}s") from None
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    if proc.returncode != 0:
+        message = stderr.decode(errors="replace").strip()
+        raise Internal(f"mounting the overlay on {target} failed: {message}")
+    log.debug("overlay_mounted", target=target, options_bytes=len(data))
+
+
+def unmount_blocking(target: str) -> bool:
+    """Detach the mount at `target`; False when nothing was mounted there."""
+    if _libc.umount2(os.fsencode(target), _MNT_DETACH) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return False
+    raise Internal(f"unmounting {target} failed: {os.strerror(err)}")
+
+
+async def unmount(target: str) -> bool:
+    return await asyncio.to_thread(unmount_blocking, target)

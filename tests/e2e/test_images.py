@@ -1,0 +1,258 @@
+"""The CRI ImageService through the real socket: pulls from docker-registry, unpacked by storaged."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2
+
+from tests.support import images
+from tests.support.hostile_registry import HostileRegistry
+from tests.support.registry import PASSWORD, USERNAME, Registry, launch_registry
+from tests.support.stack import Dirs, Stack, remove_dirs, short_tempdir, start_stack
+
+pytestmark = pytest.mark.root
+
+
+class Catalog:
+    def __init__(self, reg: Registry) -> None:
+        self.busybox = images.push_busybox_image(reg, "e2e/busybox", "latest")
+        self.alias = images.push_busybox_image(reg, "e2e/busybox", "alias")
+        self.multi = images.push_multi_layer_image(reg, "e2e/multilayer", "latest")
+        self.whiteout = images.push_whiteout_image(reg, "e2e/whiteout", "latest")
+        self.user = images.push_user_image(reg, "e2e/user", "latest")
+        self.index = images.push_multiplatform_image(reg, "e2e/multiarch", "latest")
+        self.zstd = images.push_zstd_image(reg, "e2e/zstd", "latest")
+        self.short = images.push_busybox_image(reg, "busybox", "latest")
+
+
+@pytest.fixture(scope="module")
+def registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, Registry, HostileRegistry]]:
+    plain = launch_registry(tmp_path_factory.mktemp("e2e-registry"))
+    basic = None
+    hostile = HostileRegistry()
+    try:
+        basic = launch_registry(tmp_path_factory.mktemp("e2e-basic"), auth="basic", storage_dir=plain.storage_dir)
+        yield plain, basic, hostile
+    finally:
+        hostile.stop()
+        if basic is not None:
+            basic.stop()
+        plain.stop()
+
+
+@pytest.fixture(scope="module")
+def catalog(registries: tuple[Registry, Registry, HostileRegistry]) -> Catalog:
+    return Catalog(registries[0])
+
+
+@pytest.fixture(scope="module")
+def image_stack(registries: tuple[Registry, Registry, HostileRegistry], catalog: Catalog) -> Iterator[Stack]:
+    plain, basic, hostile = registries
+    dirs = Dirs(short_tempdir("cpi-")).make()
+    conf = dirs.base / "registries.conf"
+    conf.write_text(f'unqualified-search-registries = ["{plain.host}"]\n')
+    (dirs.cni / "10-test.conflist").write_text(json.dumps(
+        {"cniVersion": "1.0.0", "name": "criopy-test", "plugins": [{"type": "loopback"}]}))
+    insecure = json.dumps([plain.host, basic.host, hostile.host])
+    stack = start_stack(dirs, "--registries-conf", str(conf), "--set", f"crio.image.insecure_registries={insecure}",
+                        "--set", 'crio.image.image_platform="linux/amd64"')
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        remove_dirs(dirs)
+
+
+def spec(ref: str) -> api_pb2.ImageSpec:
+    return api_pb2.ImageSpec(image=ref)
+
+
+def pull(stack: Stack, ref: str, auth: api_pb2.AuthConfig | None = None) -> str:
+    response = stack.images.PullImage(api_pb2.PullImageRequest(image=spec(ref), auth=auth), timeout=60)
+    return response.image_ref
+
+
+def status(stack: Stack, ref: str, verbose: bool = False) -> api_pb2.ImageStatusResponse:
+    return stack.images.ImageStatus(api_pb2.ImageStatusRequest(image=spec(ref), verbose=verbose), timeout=10)
+
+
+def listed(stack: Stack, ref: str = "") -> list[api_pb2.Image]:
+    request = api_pb2.ListImagesRequest(filter=api_pb2.ImageFilter(image=spec(ref))) if ref else api_pb2.ListImagesRequest()
+    return list(stack.images.ListImages(request, timeout=10).images)
+
+
+def remove(stack: Stack, ref: str) -> None:
+    stack.images.RemoveImage(api_pb2.RemoveImageRequest(image=spec(ref)), timeout=30)
+
+
+def rpc_error(call, *args) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as e:
+        call(*args)
+    return e.value
+
+
+def test_pull_list_status_of_a_single_layer_image(image_stack: Stack, catalog: Catalog) -> None:
+    img = catalog.busybox
+    image_ref = pull(image_stack, img.ref)
+    assert image_ref == img.config_digest
+    found = [i for i in listed(image_stack) if i.id == img.config_digest]
+    assert len(found) == 1
+    assert img.ref in found[0].repo_tags and img.digest_ref in found[0].repo_digests
+    assert found[0].size == img.size
+
+    st = status(image_stack, img.ref, verbose=True)
+    assert st.image.id == img.config_digest
+    assert not st.image.HasField("uid") and st.image.username == ""
+    info = json.loads(st.info["info"])
+    assert info["imageSpec"]["config"]["Cmd"] == ["/bin/sh"]
+    assert info["imageSpec"]["rootfs"]["diff_ids"] == img.diff_ids
+    assert info["topLayer"], "storaged's chain id is recorded"
+    assert [i.id for i in listed(image_stack, img.ref)] == [img.config_digest]
+    # The process that talked to the registry holds no capability at all.
+    assert image_stack.status()["imaged"]["capabilities"] == []
+
+
+def test_missing_image_status_is_empty_not_an_error(image_stack: Stack, registries) -> None:
+    response = status(image_stack, f"{registries[0].host}/e2e/none:latest")
+    assert not response.HasField("image")
+    assert listed(image_stack, f"{registries[0].host}/e2e/none:latest") == []
+
+
+@pytest.mark.parametrize("which", ["multi", "whiteout", "index", "zstd"])
+def test_pull_each_kind(image_stack: Stack, catalog: Catalog, which: str) -> None:
+    img = getattr(catalog, which)
+    assert pull(image_stack, img.ref) == img.config_digest
+    assert status(image_stack, img.ref).image.id == img.config_digest
+
+
+def test_user_image_reports_its_username(image_stack: Stack, catalog: Catalog) -> None:
+    pull(image_stack, catalog.user.ref)
+    assert status(image_stack, catalog.user.ref).image.username == "app"
+
+
+def test_short_name_and_tag_then_digest(image_stack: Stack, catalog: Catalog) -> None:
+    assert pull(image_stack, "busybox") == catalog.short.config_digest
+    assert pull(image_stack, catalog.short.digest_ref) == catalog.short.config_digest
+    st = status(image_stack, "busybox:latest").image
+    assert catalog.short.ref in st.repo_tags and catalog.short.digest_ref in st.repo_digests
+
+
+def test_remove_by_tag_digest_and_id(image_stack: Stack, catalog: Catalog) -> None:
+    a, b = catalog.busybox, catalog.alias
+    pull(image_stack, a.ref)
+    pull(image_stack, b.ref)
+    remove(image_stack, a.ref)  # shared with another tag: only untagged
+    st = status(image_stack, b.ref).image
+    assert st.id == a.config_digest and a.ref not in st.repo_tags and b.ref in st.repo_tags
+    remove(image_stack, b.config_digest)
+    assert not status(image_stack, b.ref).HasField("image")
+    remove(image_stack, b.config_digest)  # already gone: not an error
+
+    pull(image_stack, catalog.multi.ref)
+    remove(image_stack, catalog.multi.digest_ref)
+    assert not status(image_stack, catalog.multi.ref).HasField("image")
+    # Pulled again after removal: fetched and unpacked again.
+    assert pull(image_stack, catalog.multi.ref) == catalog.multi.config_digest
+
+
+def test_image_fs_info_reports_real_usage(image_stack: Stack, catalog: Catalog, registries) -> None:
+    fresh = images.push_big_image(registries[0], "e2e/fsinfo", "latest", total_mb=4, layers=2, seed=7)
+    before = image_stack.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10)
+    pull(image_stack, fresh.ref)
+    after = image_stack.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10)
+    fs_before, fs_after = before.image_filesystems[0], after.image_filesystems[0]
+    assert fs_after.fs_id.mountpoint.startswith(str(image_stack.dirs.root))
+    # The compressed blobs and the unpacked layers both count: at least twice the 4 MiB of data.
+    assert fs_after.used_bytes.value - fs_before.used_bytes.value >= 2 * 4 * 1024 * 1024
+    assert fs_after.inodes_used.value > fs_before.inodes_used.value
+    assert fs_after.timestamp > 0
+
+
+def test_errors_name_image_and_registry(image_stack: Stack, registries) -> None:
+    plain, basic, _ = registries
+    ref = f"{plain.host}/e2e/busybox:no-such-tag"
+    err = rpc_error(pull, image_stack, ref)
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert ref in err.details() and plain.host in err.details()
+
+    basic_ref = f"{basic.host}/e2e/busybox:latest"
+    err = rpc_error(pull, image_stack, basic_ref)
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and basic.host in err.details()
+    err = rpc_error(pull, image_stack, basic_ref, api_pb2.AuthConfig(username=USERNAME, password="wrong"))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    token = base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode()
+    assert pull(image_stack, basic_ref, api_pb2.AuthConfig(auth=token)).startswith("sha256:")
+
+    err = rpc_error(pull, image_stack, "Not/A:Valid Ref")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_blob_digest_mismatch_fails_and_is_not_listed(image_stack: Stack, registries) -> None:
+    hostile = registries[2]
+    image = images.Image([images.busybox_layer(), images.platform_layer("bad-digest")])
+    top = image.layers[1]
+    pushed = hostile.serve_image("e2e/bad-digest", "latest", image, blob_bodies={top.digest: top.blob[::-1]})
+    err = rpc_error(pull, image_stack, pushed.ref)
+    assert err.code() == grpc.StatusCode.DATA_LOSS and top.digest in err.details()
+    assert not any(i.id == pushed.config_digest for i in listed(image_stack))
+    blob = image_stack.dirs.root / "imaged" / "blobs" / "sha256" / top.digest.split(":")[1]
+    assert not blob.exists()
+
+
+ESCAPES = {
+    "dot-dot": lambda out: [images.file_entry("../../../../../../../../" + out.lstrip("/") + "/pwned", b"x")],
+    "symlink then file": lambda out: [images.symlink_entry("evil", out), images.file_entry("evil/pwned", b"x")],
+    "hardlink outside": lambda out: [images.hardlink_entry("h", out + "/victim")],
+}
+
+
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_hostile_layers_fail_cleanly(image_stack: Stack, registries, tmp_path: Path, case: str) -> None:
+    hostile = registries[2]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"original")
+    evil = images.Layer(images.build_tar([images.dir_entry("ok"), *ESCAPES[case](str(outside))]))
+    pushed = hostile.serve_image(f"e2e/escape-{case.replace(' ', '-')}", "latest",
+                                 images.Image([images.busybox_layer(), evil]))
+    err = rpc_error(pull, image_stack, pushed.ref)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert (outside / "victim").read_bytes() == b"original"
+    assert not any(i.id == pushed.config_digest for i in listed(image_stack))
+
+
+def test_pull_interrupted_by_killing_imaged_is_repeated(image_stack: Stack, registries) -> None:
+    hostile = registries[2]
+    unique = images.Layer(images.build_tar([images.file_entry("data", os.urandom(2 * 1024 * 1024))]))
+    image = images.Image([images.busybox_layer(), unique])
+    pushed = hostile.serve_image("e2e/killed", "latest", image)
+    stalled = hostile.routes[f"/v2/e2e/killed/blobs/{unique.digest}"]
+    stalled.stall_after = 100_000
+    future = image_stack.images.PullImage.future(api_pb2.PullImageRequest(image=spec(pushed.ref)), timeout=120)
+    deadline = time.time() + 30
+    while not stalled.hits:
+        assert time.time() < deadline, "imaged never asked for the layer"
+        time.sleep(0.05)
+    old_pid = image_stack.pid("imaged")
+    os.kill(old_pid, signal.SIGKILL)
+    stalled.stall_after = None
+    # The CRI call is idempotent end to end: it either survives the restart or is repeated.
+    try:
+        image_ref = future.result().image_ref
+    except grpc.RpcError:
+        image_ref = pull(image_stack, pushed.ref)
+    assert image_ref == pushed.config_digest
+    assert image_stack.pid("imaged") != old_pid
+    assert status(image_stack, pushed.ref).image.id == pushed.config_digest
+    tmp = image_stack.dirs.root / "imaged" / "blobs" / "tmp"
+    assert list(tmp.iterdir()) == []
