@@ -13,6 +13,7 @@ naming the file, the key and the problem.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -155,6 +156,12 @@ class SupervisorConfig:
 @dataclass
 class LogConfig:
     log_format: str = _doc("Log format: 'json', 'console', or 'auto' (console on a terminal).", default="auto")
+    service_log_levels: dict[str, str] = _doc(
+        "Log level of single services, over crio.runtime.log_level (e.g. { netd = \"debug\" }).",
+        default_factory=dict)
+
+    def level_of(self, service: str, default: str) -> str:
+        return self.service_log_levels.get(service, default)
 
 
 @dataclass
@@ -294,14 +301,24 @@ def parse_override_value(text: str) -> Any:
         return text
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "fatal", "panic")
+
+
 def _validate(config: Config) -> None:
     rt = config.crio.runtime
     if rt.cgroup_manager not in ("cgroupfs", "systemd"):
         raise ConfigError(f"crio.runtime.cgroup_manager: must be 'cgroupfs' or 'systemd', not {rt.cgroup_manager!r}")
     if rt.default_runtime not in rt.runtimes:
         raise ConfigError(f"crio.runtime.default_runtime: {rt.default_runtime!r} is not in crio.runtime.runtimes")
-    if rt.log_level.lower() not in ("debug", "info", "warning", "warn", "error", "fatal", "panic"):
+    if rt.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"crio.runtime.log_level: unknown level {rt.log_level!r}")
+    from shared.services import SERVICE_CLASSES
+
+    for service, level in config.criopy.log.service_log_levels.items():
+        if service not in SERVICE_CLASSES and service != "supervisor":
+            raise ConfigError(f"criopy.log.service_log_levels.{service}: no such service")
+        if level.lower() not in _LOG_LEVELS:
+            raise ConfigError(f"criopy.log.service_log_levels.{service}: unknown level {level!r}")
     if config.criopy.log.log_format not in ("auto", "json", "console"):
         raise ConfigError(f"criopy.log.log_format: must be auto, json or console, not {config.criopy.log.log_format!r}")
     if config.crio.tracing.tracing_exporter not in ("otlp", "console"):
@@ -335,6 +352,9 @@ class ConfigSources:
 
 
 def _toml_literal(value: Any) -> str:
+    if isinstance(value, dict):  # inline, so it fits on one option's line
+        items = ", ".join(f"{json.dumps(str(k))} = {_toml_literal(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
     return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
 
 

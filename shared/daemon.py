@@ -26,7 +26,7 @@ def run_service(name: str, config: Config, sources: ConfigSources) -> int:
     # Capabilities are per thread: drop them while this is the only thread,
     # before any request can be read.
     kept = privileges.restrict_to(cls.declared_capabilities())
-    logs.configure(name, config.crio.runtime.log_level, config.criopy.log.log_format)
+    logs.configure(name, config.criopy.log.level_of(name, config.crio.runtime.log_level), config.criopy.log.log_format)
     tracing.configure(name, config.crio.tracing)
     log.info("service_starting", capabilities=sorted(kept))
     try:
@@ -44,7 +44,8 @@ async def reload_service(service: Service, sources: ConfigSources) -> ReloadResu
         log.error("config_reload_refused", error=e.message)
         return None
     config = service.config
-    logs.configure(service.name, config.crio.runtime.log_level, config.criopy.log.log_format)
+    logs.configure(service.name, config.criopy.log.level_of(service.name, config.crio.runtime.log_level),
+                   config.criopy.log.log_format)
     if any(path.startswith("crio.tracing.") for path in result.applied):
         tracing.configure(service.name, config.crio.tracing)
     await service.apply_config(result)

@@ -17,7 +17,7 @@ from shared.config import Config, ConfigSources, load
 # Dotted option paths (or table prefixes) that take effect without a restart.
 RELOADABLE: tuple[str, ...] = (
     "crio.runtime.log_level",
-    "criopy.log.log_format",
+    "criopy.log.",
     "crio.image.registries_conf",
     "crio.image.global_auth_file",
     "crio.image.insecure_registries",

@@ -101,7 +101,7 @@ class Service:
             "uptime": time.time() - self.started_at,
             "started_at": self.started_at,
             "capabilities": sorted(privileges.effective_capabilities()),
-            "log_level": self.config.crio.runtime.log_level,
+            "log_level": self.config.criopy.log.level_of(self.name, self.config.crio.runtime.log_level),
             **self.readiness(),
         }
 

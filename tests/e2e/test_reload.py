@@ -44,6 +44,12 @@ def test_reload_applies_live_options_and_reports_the_rest(stack: Stack) -> None:
     assert '"event": "config_reloaded"' in logs
 
 
+def test_one_service_can_log_at_its_own_level(stack: Stack) -> None:
+    (stack.dirs.config_dir / "55-netd.conf").write_text('[criopy.log]\nservice_log_levels = { netd = "debug" }\n')
+    assert criopy(stack.dirs, "reload").returncode == 0
+    assert eventually(lambda: levels(stack) == {**{n: "info" for n in START_ORDER}, "netd": "debug"}), levels(stack)
+
+
 def test_a_broken_file_is_refused_and_the_running_configuration_stays(stack: Stack) -> None:
     (stack.dirs.config_dir / "60-broken.conf").write_text('[crio.runtime]\nlog_level = 7\n')
     result = criopy(stack.dirs, "reload")
