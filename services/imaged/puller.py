@@ -23,6 +23,7 @@ from services.imaged.blobstore import BlobStore
 from services.imaged.records import ImageRecords
 from services.imaged.registries_conf import Endpoint, RegistriesConfFile
 from services.imaged.registry_client import HostAuth, RegistryClient
+from shared import metrics, tracing
 from shared.config import Config
 from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
@@ -219,4 +220,9 @@ class Puller:
         if self.store.has(digest, size):
             return self.store.path(digest)
         self.store.remove(digest)  # a stored blob of the wrong size is damaged
-        return await client.fetch_blob(self.store, digest, size, what)
+        with tracing.tracer(__name__).start_as_current_span(
+                f"download {what}", attributes={"criopy.blob.digest": digest, "criopy.blob.bytes": size,
+                                                "criopy.image": client.image}):
+            path = await client.fetch_blob(self.store, digest, size, what)
+        metrics.IMAGE_PULL_BYTES.inc(size)
+        return path

@@ -16,9 +16,10 @@ from services.imaged.blobstore import BlobStore, disk_usage
 from services.imaged.puller import Puller
 from services.imaged.records import ImageRecords
 from services.imaged.registries_conf import RegistriesConfFile
+from shared import metrics
 from shared.bus.service import Service, method
 from shared.config import Config
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -155,9 +156,16 @@ class Imaged(Service):
         assert self.puller is not None
         async with self._gc_lock:
             self._active_pulls += 1
+        started = time.monotonic()
+        outcome = "success"
         try:
             return await self.puller.pull(reference, auth)
+        except CriopyError as e:
+            outcome = e.code.lower()
+            raise
         finally:
+            metrics.IMAGE_PULLS.labels(outcome).inc()
+            metrics.IMAGE_PULL_DURATION.observe(time.monotonic() - started)
             self._active_pulls -= 1
             if self._active_pulls == 0 and self._gc_pending:
                 await self._sweep_blobs()

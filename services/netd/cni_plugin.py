@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import structlog
 from opentelemetry.trace import Status, StatusCode
 
 from services.netd.orphans import OWNER_ENV
-from shared import tracing
+from shared import metrics, tracing
 from shared.errors import DeadlineExceeded, Internal
 
 log = structlog.get_logger(__name__)
@@ -79,11 +80,14 @@ async def run(plugin: Path, invocation: Invocation, stdin: bytes, timeout: float
             f"cni {invocation.command} {plugin.name}",
             attributes={"cni.plugin": plugin.name, "cni.command": invocation.command,
                         "cni.container_id": invocation.container_id}) as span:
+        started = time.monotonic()
         try:
             return await _run(plugin, invocation, stdin, timeout)
         except (PluginError, PluginTimeout) as e:
             span.set_status(Status(StatusCode.ERROR, e.message))
             raise
+        finally:
+            metrics.CNI_CALL_LATENCY.labels(plugin.name, invocation.command).observe(time.monotonic() - started)
 
 
 async def _run(plugin: Path, invocation: Invocation, stdin: bytes, timeout: float) -> dict[str, Any] | None:
