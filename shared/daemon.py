@@ -23,6 +23,8 @@ log = structlog.get_logger(__name__)
 
 def run_service(name: str, config: Config, sources: ConfigSources) -> int:
     cls = service_class(name)
+    if not cls.network:
+        privileges.isolate_network()
     # Capabilities are per thread: drop them while this is the only thread,
     # before any request can be read.
     kept = privileges.restrict_to(cls.declared_capabilities())

@@ -28,6 +28,8 @@ _PARALLEL_UNPACKS = max(1, min(4, os.cpu_count() or 1))
 
 class Storaged(Service):
     name = "storaged"
+    # It reads blobs and writes layers: no network at all.
+    network = False
     # Mounting overlays and recreating the files of layers with their owners,
     # modes, setuid bits, file capabilities and (when allowed) device nodes.
     capabilities = frozenset({

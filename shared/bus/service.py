@@ -60,6 +60,8 @@ class Service:
     # Linux capabilities (CAP_* names) the service keeps; every other one is
     # dropped at start. None means "all that this machine grants".
     capabilities: ClassVar[frozenset[str] | None] = frozenset()
+    # False: the service runs in a network namespace of its own, with no network.
+    network: ClassVar[bool] = True
     # Whether the service publishes events (on config.events_endpoint(name)).
     publishes_events: ClassVar[bool] = False
 

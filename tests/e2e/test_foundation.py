@@ -168,3 +168,16 @@ def test_one_cri_call_is_one_trace_across_processes(dirs) -> None:  # type: igno
     client_span = by_id[daemon_span["parent_id"]]
     assert client_span["name"] == "bus runtimed.health"
     assert by_id[client_span["parent_id"]]["name"] == "/runtime.v1.RuntimeService/Status"
+
+
+def test_services_without_network_have_their_own_empty_network_namespace(stack: Stack) -> None:
+    status = stack.status()
+    host_netns = os.readlink("/proc/self/ns/net")
+    for name in START_ORDER:
+        netns = os.readlink(f"/proc/{status[name]['pid']}/ns/net")
+        if service_class(name).network:
+            assert netns == host_netns, name
+        else:
+            assert netns != host_netns, name
+            links = open(f"/proc/{status[name]['pid']}/net/dev").read().splitlines()[2:]
+            assert [line.split(":")[0].strip() for line in links] == ["lo"], name
