@@ -126,6 +126,15 @@ class TracingConfig:
 
 
 @dataclass
+class StatsConfig:
+    stats_collection_period: int = _doc(
+        "Seconds between stats collections; 0 collects on each request (the only mode crio-py has).", default=0)
+    included_pod_metrics: list[str] = _doc(
+        "Metric families served by ListPodSandboxMetrics: cpu, memory, network, process, disk, oom, spec.",
+        default_factory=list)
+
+
+@dataclass
 class CrioConfig:
     root: str = _doc("Directory of persistent state; each service keeps its own subdirectory.", default="/var/lib/criopy")
     runroot: str = _doc("Directory of runtime files (sockets, pid files).", default="/run/criopy")
@@ -136,6 +145,7 @@ class CrioConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
 
 @dataclass

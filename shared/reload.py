@@ -29,6 +29,7 @@ RELOADABLE: tuple[str, ...] = (
     "crio.network.cni_timeout",
     "crio.metrics.",
     "crio.tracing.",
+    "crio.stats.",
     "crio.runtime.default_capabilities",
     "crio.runtime.default_sysctls",
     "crio.runtime.default_env",

@@ -9,6 +9,7 @@ from services.frontend.daemons import Daemons
 from services.frontend.event_hub import EventHub
 from services.frontend.grpc_server import start_server
 from services.frontend.metrics_endpoint import MetricsEndpoint
+from services.frontend.streaming import stop_streaming_server, streaming_server
 from shared.bus.client import BusClient
 from shared.bus.service import Service
 from shared.reload import ReloadResult
@@ -32,6 +33,8 @@ class Frontend(Service):
         self.events = EventHub(self.config, self._context)
         self.events.start()
         self.daemons.events = self.events
+        # Listening from the start, as CRI-O's, so the first exec gets no extra delay.
+        await streaming_server(self.config, self.daemons)
         self._grpc = await start_server(self.daemons, self.config)
         from shared.supervisor import SupervisorApi
 
@@ -59,6 +62,7 @@ class Frontend(Service):
             await self._supervisor.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=2)
+        await stop_streaming_server()
         if self.events is not None:
             await self.events.close()
         if self.daemons is not None:

@@ -11,6 +11,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import structlog
 
 from services.netd import cni_result, netns, orphans, pod_args
+from services.netd import net_stats, pod_cidr
+from services.netd import port_forward
 from services.netd.cni_cache import CachedAttachment, ResultCache
 from services.netd.cni_config import InvalidNetworkConfig, NetworkList, parse_network_list
 from services.netd.cni_network import AddFailed, CniRunner, RuntimeConf
@@ -104,6 +106,7 @@ class Netd(Service):
         shaping = pod_args.bandwidth(bandwidth)
         if shaping:
             caps["bandwidth"] = shaping
+        caps.update(pod_cidr.capability(self._pod_cidrs()))
         record = PodRecord(pod_id=pod_id, state=ATTACHING, netns_path=str(path), network_name="", config="",
                            ifname=IFNAME, cni_args=args, capability_args=caps, pod_name=pod_name,
                            pod_namespace=pod_namespace, pod_uid=pod_uid)
@@ -313,3 +316,65 @@ class Netd(Service):
     def _describe(record: PodRecord) -> dict[str, Any]:
         return {"netns_path": record.netns_path, "ips": list(record.ips),
                 "interfaces": list(record.interfaces), "network": record.network_name}
+
+    # -- network counters and the pod CIDR (net_stats.py, pod_cidr.py) ------------
+
+    @method(idempotent=True)
+    async def pod_network_stats(self, pod_ids: list[str] | None = None) -> dict[str, Any]:
+        """Interface counters of attached pods' namespaces: {pod_id: usage} (see net_stats.pod_usage)."""
+        wanted = None if pod_ids is None else set(pod_ids)
+        records = [r for r in self._pods.values()
+                   if r.state == ATTACHED and (wanted is None or r.pod_id in wanted)]
+        counters = await net_stats.read_counters([r.netns_path for r in records], self._timeout)
+        return {r.pod_id: net_stats.pod_usage(counters.get(r.netns_path) or {"error": "not read"}, r.ifname)
+                for r in records}
+
+    def _pod_cidr_file(self) -> Path:
+        return Path(self.config.state_dir("netd")) / "pod-cidr.json"
+
+    def _pod_cidrs(self) -> list[str]:
+        cached = getattr(self, "_pod_cidr_networks", None)
+        if cached is None:
+            cached = self._pod_cidr_networks = pod_cidr.load(self._pod_cidr_file())
+        return cached
+
+    @method(idempotent=True)
+    async def update_pod_cidr(self, cidr: str) -> dict[str, Any]:
+        """Set the node's pod CIDR; pods attached from now on get it as the CNI `ipRanges` capability."""
+        networks = pod_cidr.parse(cidr)
+        if networks != self._pod_cidrs():
+            await asyncio.to_thread(pod_cidr.save, self._pod_cidr_file(), networks)
+            self._pod_cidr_networks = networks
+            log.info("pod_cidr_updated", networks=networks)
+        return {"networks": networks}
+
+    # -- port forwarding (port_forward.py) ------------------------------------
+
+    @method(idempotent=False)
+    async def pf_open(self, pod_id: str, port: int, host_network: bool = False) -> dict[str, Any]:
+        """Connect to `port` on the pod's loopback from inside its namespace; {"conn"}."""
+        netns_path = None
+        if not host_network:
+            record = self._pods.get(pod_id)
+            if record is None or record.state != ATTACHED:
+                raise NotFound(f"pod {pod_id} has no network namespace")
+            netns_path = record.netns_path
+        return await port_forward.connections_of(self).open(netns_path, port)
+
+    @method(idempotent=False)
+    async def pf_write(self, conn: str, data: bytes, wait_seconds: float = 5.0) -> dict[str, Any]:
+        return await port_forward.connections_of(self).get(conn).write(data, wait_seconds)
+
+    @method(idempotent=False)
+    async def pf_read(self, conn: str, max_bytes: int = 65536, wait_seconds: float = 5.0) -> dict[str, Any]:
+        return await port_forward.connections_of(self).get(conn).read(max_bytes, wait_seconds)
+
+    @method(idempotent=True)
+    async def pf_close_write(self, conn: str) -> dict[str, Any]:
+        await port_forward.connections_of(self).get(conn).close_write()
+        return {}
+
+    @method(idempotent=True)
+    async def pf_close(self, conn: str) -> dict[str, Any]:
+        await port_forward.connections_of(self).close(conn)
+        return {}

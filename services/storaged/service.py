@@ -327,6 +327,25 @@ class Storaged(Service):
         return {"used_bytes": usage.used_bytes, "inodes_used": usage.inodes,
                 "timestamp_ns": time.time_ns(), "upper_dir": self._rootfs.upper(container_id)}
 
+    # -- usage of many containers at once (ListContainerStats) ------------------------
+
+    @method(idempotent=True)
+    async def rootfs_usages(self, container_ids: list[str]) -> dict[str, Any]:
+        """{container id: {"used_bytes", "inodes_used", "timestamp_ns", "mountpoint"}} for those with a rootfs."""
+        known = [cid for cid in dict.fromkeys(container_ids) if cid in self._containers]
+        uppers = {cid: self._rootfs.upper(cid) for cid in known}
+        mountpoint = self._rootfs.rootfs_dir
+
+        def measure_all() -> dict[str, Any]:
+            out = {}
+            for cid, upper in uppers.items():
+                usage = measure(upper)
+                out[cid] = {"used_bytes": usage.used_bytes, "inodes_used": usage.inodes,
+                            "timestamp_ns": time.time_ns(), "mountpoint": mountpoint}
+            return out
+
+        return await asyncio.to_thread(measure_all)
+
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
     """The error to report for a failed group of layer unpacks: a typed one if any."""

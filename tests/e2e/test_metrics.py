@@ -69,10 +69,11 @@ def test_metrics_of_every_process_on_one_endpoint(metered: tuple[Stack, int]) ->
 def test_failed_operations_are_counted_by_code(metered: tuple[Stack, int]) -> None:
     stack, port = metered
     with pytest.raises(Exception):
-        stack.runtime.CheckpointContainer(api_pb2.CheckpointContainerRequest(container_id="x"), timeout=5)
+        stack.runtime.CheckpointContainer(api_pb2.CheckpointContainerRequest(container_id="x", location="/tmp/x.tar"),
+                                          timeout=5)
     samples = scrape(port)
     assert value(samples, "criopy_operations_total", operation="CheckpointContainer",
-                 code="UNIMPLEMENTED", service="frontend") == 1
+                 code="NOT_FOUND", service="frontend") == 1
 
 
 def test_a_daemon_that_does_not_answer_is_reported_down(metered: tuple[Stack, int]) -> None:

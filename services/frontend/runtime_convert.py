@@ -1,0 +1,62 @@
+"""Protobuf <-> runtimed's plain dicts, and running a creation story past the caller's cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import structlog
+from google.protobuf.json_format import MessageToDict, ParseDict
+from google.protobuf.message import Message
+
+from services.frontend.registry import CallContext
+
+log = structlog.get_logger(__name__)
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+# A story the kubelet gave up on keeps running this long, so that its retry
+# finds the pod or container made instead of starting over.
+DETACHED_GRACE = 120.0
+# Undo steps get their own time, even when the call's deadline has passed.
+UNDO_TIMEOUT = 30.0
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def to_message(data: dict[str, Any], cls: type[M]) -> M:
+    return ParseDict(data, cls(), ignore_unknown_fields=True)
+
+
+def remaining(call: CallContext, margin: float = 1.0) -> float:
+    return max(0.0, call.deadline - time.time() - margin)
+
+
+class Story:
+    """Bus calls of one multi-step CRI call, with a deadline that outlives the caller's."""
+
+    def __init__(self, call: CallContext) -> None:
+        self.call = call
+        self.deadline = call.deadline + DETACHED_GRACE
+
+    async def step(self, daemon: str, method: str, **params: Any) -> Any:
+        return await self.call.daemons.call(daemon, method, deadline=self.deadline, **params)
+
+    async def undo(self, daemon: str, method: str, **params: Any) -> None:
+        """An undo step: its failure is logged by the bus client, never raised over the first error."""
+        try:
+            await self.call.daemons.call(daemon, method, deadline=time.time() + UNDO_TIMEOUT, **params)
+        except Exception as e:  # the original failure is the one the kubelet must see
+            log.warning("undo_step_failed", daemon=daemon, method=method, error=str(e))
+
+
+async def detached(work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` to its end even if the gRPC call is cancelled (the kubelet's deadline)."""
+    task = asyncio.ensure_future(work())
+    # When nobody waits any more, its failure was already undone and logged by the bus client.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)

@@ -1,0 +1,182 @@
+"""runtimed's container and pod events, published on the bus for GetContainerEvents.
+
+Each event carries what the frontend needs for a CRI ContainerEventResponse:
+the CRI event type, the container (or pod) id, when it happened, and the pod's
+status with the statuses of its containers as they were at that moment (the
+same dicts runtimed's sandbox_status/container_status return).
+
+Events raised while runtimed starts (exits that happened while it was down,
+creations it finished on reattach), and until the frontend's subscriber has
+reconnected, are held and then sent: a PUB socket drops what it sends before
+anyone listens. Held events are marked `derived`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import zmq
+
+if TYPE_CHECKING:
+    from services.runtimed.service import Runtimed
+
+log = structlog.get_logger(__name__)
+
+# How long derived events wait for the frontend to reconnect before they are sent anyway.
+SUBSCRIBER_WAIT = 5.0
+# Time for the subscriber's subscription to reach us once its connection is accepted.
+SUBSCRIPTION_SETTLE = 0.2
+# Longest wait for runtimed to finish starting before held events go out.
+READY_WAIT = 300.0
+
+CRI_TYPES = {
+    ("container", "created"): "CONTAINER_CREATED_EVENT",
+    ("container", "started"): "CONTAINER_STARTED_EVENT",
+    ("container", "exited"): "CONTAINER_STOPPED_EVENT",
+    ("container", "removed"): "CONTAINER_DELETED_EVENT",
+    ("sandbox", "created"): "CONTAINER_CREATED_EVENT",
+    ("sandbox", "stopped"): "CONTAINER_STOPPED_EVENT",
+    ("sandbox", "removed"): "CONTAINER_DELETED_EVENT",
+}
+_CONTAINER_STATES = {"created": "CONTAINER_CREATED", "running": "CONTAINER_RUNNING", "exited": "CONTAINER_EXITED"}
+_SANDBOX_STATES = ("ready", "notready")
+
+
+class EventPublisher:
+    """Turns runtimed's Events hooks into bus events; see the module doc."""
+
+    def __init__(self, service: "Runtimed") -> None:
+        self.service = service
+        self._last_container: dict[str, dict[str, Any]] = {}
+        self._last_sandbox: dict[str, dict[str, Any]] = {}
+        self._held: list[tuple[str, dict[str, Any]]] | None = []
+        self._release: asyncio.Task[None] | None = None
+        self.published = 0
+
+    def attach(self) -> None:
+        """Listen to runtimed's events; call before runtimed reconciles its containers."""
+        self.service.add_event_hook(self.on_event)
+        monitor = self._monitor()
+        self._release = asyncio.get_running_loop().create_task(self._release_held(monitor),
+                                                               name="runtimed-events-release")
+
+    def _monitor(self) -> Any:
+        socket = getattr(self.service.publisher, "_socket", None)
+        if socket is None:
+            return None
+        try:
+            return socket.get_monitor_socket(zmq.EVENT_ACCEPTED)
+        except zmq.ZMQError as e:
+            log.warning("event_monitor_unavailable", error=str(e))
+            return None
+
+    async def _release_held(self, monitor: Any) -> None:
+        """Send the events held during start once runtimed is ready and a subscriber is back."""
+        try:
+            waited = 0.0
+            while not self.service.ready and waited < READY_WAIT:
+                await asyncio.sleep(0.05)
+                waited += 0.05
+            if monitor is not None:
+                # Also with nothing held yet: an exit seen right after start must not go out
+                # before the frontend is listening again.
+                try:
+                    await asyncio.wait_for(monitor.recv_multipart(), SUBSCRIBER_WAIT)
+                    await asyncio.sleep(SUBSCRIPTION_SETTLE)
+                except asyncio.TimeoutError:
+                    log.info("events_released_without_subscriber", held=len(self._held or []))
+        finally:
+            held, self._held = self._held or [], None
+            if monitor is not None:
+                try:
+                    self.service.publisher._socket.disable_monitor()  # type: ignore[union-attr]
+                except (AttributeError, zmq.ZMQError):
+                    pass
+                monitor.close(linger=0)
+            for topic, event in held:
+                self._send(topic, event)
+            if held:
+                log.info("derived_events_published", count=len(held))
+
+    async def close(self) -> None:
+        if self._release is not None and not self._release.done():
+            self._release.cancel()
+            await asyncio.gather(self._release, return_exceptions=True)
+
+    def _send(self, topic: str, event: dict[str, Any]) -> None:
+        self.service.publish(topic, event)
+        self.published += 1
+
+    # -- building events --------------------------------------------------------
+
+    def on_event(self, record: dict[str, Any]) -> None:
+        kind, name = record["kind"], record["event"]
+        event = self.build(record)
+        if event is None:
+            return
+        if self._held is not None:
+            event["derived"] = True
+            self._held.append((kind, event))
+        else:
+            self._send(kind, event)
+        if name == "removed":
+            (self._last_container if kind == "container" else self._last_sandbox).pop(record["id"], None)
+
+    def build(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        kind, name = record["kind"], record["event"]
+        sandbox_id = record.get("sandbox_id") or ""
+        event: dict[str, Any] = {
+            "kind": kind, "event": name, "container_id": record["id"], "pod_sandbox_id": sandbox_id,
+            "type": CRI_TYPES.get((kind, name)), "created_at": record.get("timestamp_ns", 0),
+        }
+        for key in ("exit_code",):
+            if key in record:
+                event[key] = record[key]
+        if kind == "container":
+            status = self.container_status(record["id"])
+            if status is not None:
+                event["container_status"] = status
+        event["pod_sandbox_status"] = self.sandbox_status(sandbox_id)
+        event["containers_statuses"] = self.pod_container_statuses(sandbox_id)
+        return event
+
+    def container_status(self, container_id: str) -> dict[str, Any] | None:
+        rec = self.service.containers.get(container_id)
+        if rec is None or rec.get("state") not in _CONTAINER_STATES:
+            return self._last_container.get(container_id)
+        entry = self.service._container_entry(rec)
+        entry.pop("pod_sandbox_id", None)
+        entry.update(
+            started_at=rec.get("started_at", 0) or 0, finished_at=rec.get("finished_at", 0) or 0,
+            exit_code=rec.get("exit_code", 0) or 0, reason=rec.get("reason", ""), message=rec.get("message", ""),
+            mounts=rec.get("mounts") or [], log_path=rec.get("log_path", ""),
+            resources={"linux": rec.get("resources") or {}})
+        if rec.get("uid") is not None:
+            entry["user"] = {"linux": {"uid": rec["uid"]}}
+        self._last_container[container_id] = entry
+        return entry
+
+    def sandbox_status(self, sandbox_id: str) -> dict[str, Any] | None:
+        rec = self.service.sandboxes.get(sandbox_id)
+        if rec is None or rec.get("state") not in _SANDBOX_STATES:
+            last = self._last_sandbox.get(sandbox_id)
+            return {**last, "state": "SANDBOX_NOTREADY"} if last else None
+        status = self.service._sandbox_entry(rec)
+        ips = rec.get("ips") or []
+        status["network"] = {"ip": ips[0] if ips else "", "additional_ips": [{"ip": ip} for ip in ips[1:]]}
+        status["linux"] = {"namespaces": {"options": {
+            "network": rec.get("network_mode", "POD"), "pid": rec.get("pid_mode", "POD"),
+            "ipc": rec.get("ipc_mode", "POD")}}}
+        self._last_sandbox[sandbox_id] = status
+        return status
+
+    def pod_container_statuses(self, sandbox_id: str) -> list[dict[str, Any]]:
+        out = []
+        for rec in list(self.service.containers.values()):
+            if rec.get("sandbox_id") == sandbox_id and rec.get("state") in _CONTAINER_STATES:
+                status = self.container_status(rec["id"])
+                if status is not None:
+                    out.append(status)
+        return out

@@ -1,0 +1,467 @@
+"""Exec, Attach and PortForward through the real CRI socket and the real streaming server.
+
+The clients are the tests' own: a SPDY/3.1 client written from the draft and
+the kubelet's protocol docs (tests/frontend/streaming/spdy_client.py), and the
+`websockets` client library for the channel protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2
+from websockets.asyncio.client import connect as ws_connect
+
+from services.runtimed import mounts
+from tests.frontend.streaming.spdy_client import SpdyClient, UpgradeRefused
+from tests.frontend.streaming.tunnel import socket_bridge
+from tests.support import images
+from tests.support.registry import Registry, launch_registry
+from tests.support.stack import Dirs, Stack, remove_dirs, short_tempdir, start_stack
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+CGROUP_PARENT = f"/criopy-stream-{secrets.token_hex(3)}"
+HTTP_PORT = 8080
+
+
+@dataclass
+class World:
+    stack: Stack
+    pod: str
+    worker: str  # sleeps; exec target
+    echoer: str  # reads stdin, echoes; attach target
+    web: str  # busybox httpd on 127.0.0.1:8080
+
+
+def _conmons(base: Path) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd[0].endswith(b"conmon") and any(str(base).encode() in a for a in cmd):
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    registry: Registry = launch_registry(tmp_path_factory.mktemp("stream-registry"))
+    dirs = Dirs(short_tempdir("cps-")).make()
+    bridge = f"cps{secrets.token_hex(3)}"
+    subnet = f"10.{100 + secrets.randbelow(100)}.{secrets.randbelow(250)}.0/24"
+    (dirs.cni / "10-stream.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "criopy-stream",
+        "plugins": [{"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+                     "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
+                              "dataDir": str(dirs.base / "ipam")}},
+                    {"type": "loopback"}]}))
+    stack = None
+    try:
+        images.push_busybox_image(registry, "stream/busybox", "latest", cmd=["sh"], env=["PATH=/bin"])
+        image = f"{registry.host}/stream/busybox:latest"
+        stack = start_stack(dirs, "--set", f"crio.image.insecure_registries={json.dumps([registry.host])}")
+        stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
+        pod_cfg = api_pb2.PodSandboxConfig(
+            metadata=api_pb2.PodSandboxMetadata(name="streams", namespace="e2e", uid=secrets.token_hex(8)),
+            hostname="streams", linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=f"{CGROUP_PARENT}/streams"))
+        pod = stack.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_cfg), timeout=60).pod_sandbox_id
+
+        def container(name: str, command: list[str], **extra) -> str:
+            cfg = api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name=name),
+                                          image=api_pb2.ImageSpec(image=image), command=command,
+                                          log_path=f"{name}.log", **extra)
+            cid = stack.runtime.CreateContainer(api_pb2.CreateContainerRequest(
+                pod_sandbox_id=pod, config=cfg, sandbox_config=pod_cfg), timeout=60).container_id
+            stack.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=60)
+            return cid
+
+        worker = container("worker", ["sleep", "100000"])
+        echoer = container("echoer", ["sh", "-c", "while read line; do echo echo:$line; done"], stdin=True)
+        web = container("web", ["sh", "-c", "mkdir -p /www && echo hello over port-forward > /www/index.html && "
+                                            f"exec busybox httpd -f -p 127.0.0.1:{HTTP_PORT} -h /www"])
+        yield World(stack, pod, worker, echoer, web)
+    finally:
+        try:
+            if stack is not None:
+                for p in stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
+                    stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=p.id), timeout=60)
+        finally:
+            if stack is not None:
+                stack.stop()
+            registry.stop()
+            for pid in _conmons(dirs.base):
+                os.kill(pid, signal.SIGKILL)
+            runc_root = dirs.root / "runtimed" / "runc"
+            if runc_root.is_dir():
+                for cid in os.listdir(runc_root):
+                    subprocess.run(["runc", "--root", str(runc_root), "delete", "-f", cid], capture_output=True)
+            for m in sorted(mounts.mount_table(), key=lambda m: len(m.mount_point), reverse=True):
+                if m.mount_point.startswith(str(dirs.base) + "/"):
+                    mounts.unmount(m.mount_point)
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+            for top in Path("/sys/fs/cgroup").glob(f"*{CGROUP_PARENT}"):
+                for d in sorted(top.rglob("*"), key=lambda p: len(str(p)), reverse=True):
+                    if d.is_dir():
+                        os.rmdir(d)
+                os.rmdir(top)
+            remove_dirs(dirs)
+
+
+def exec_url(world: World, cmd: list[str], *, container: str | None = None, stdin=False, stdout=True,
+             stderr=True, tty=False) -> str:
+    return world.stack.runtime.Exec(api_pb2.ExecRequest(
+        container_id=container or world.worker, cmd=cmd, stdin=stdin, stdout=stdout, stderr=stderr, tty=tty),
+        timeout=30).url
+
+
+async def spdy_open(url: str, *, stdin=False, stdout=True, stderr=True, tty=False):
+    client = await SpdyClient.connect(url, ["v4.channel.k8s.io", "v3.channel.k8s.io"])
+    s = {"error": await client.open_stream({"streamType": "error"})}
+    await s["error"].close()
+    if stdin:
+        s["stdin"] = await client.open_stream({"streamType": "stdin"})
+    if stdout:
+        s["stdout"] = await client.open_stream({"streamType": "stdout"})
+    if stderr:
+        s["stderr"] = await client.open_stream({"streamType": "stderr"})
+    if tty:
+        s["resize"] = await client.open_stream({"streamType": "resize"})
+    return client, s
+
+
+async def ws_messages(ws) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    async for message in ws:
+        out[message[0]] = out.get(message[0], b"") + message[1:]
+    return out
+
+
+def ws(url: str) -> str:
+    return url.replace("http://", "ws://", 1)
+
+
+def _sleepers(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", marker.encode()]:
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+# -- validation ----------------------------------------------------------------
+
+
+def test_requests_are_validated(world: World) -> None:
+    rt = world.stack.runtime
+    for bad in (api_pb2.ExecRequest(container_id=world.worker, cmd=["true"]),  # no stream at all
+                api_pb2.ExecRequest(container_id=world.worker, cmd=["true"], tty=True, stdout=True, stderr=True),
+                api_pb2.ExecRequest(container_id=world.worker, stdout=True)):  # no command
+        with pytest.raises(grpc.RpcError) as e:
+            rt.Exec(bad, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        rt.Exec(api_pb2.ExecRequest(container_id="0" * 64, cmd=["true"], stdout=True), timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        rt.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="f" * 64), timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- exec --------------------------------------------------------------------------
+
+
+async def test_spdy_exec_output_and_exit_code(world: World) -> None:
+    client, s = await spdy_open(exec_url(world, ["sh", "-c", "echo out; echo err >&2; exit 3"]))
+    try:
+        out, err, status = await asyncio.gather(s["stdout"].read_all(), s["stderr"].read_all(),
+                                                s["error"].read_all())
+    finally:
+        await client.close()
+    assert (out, err) == (b"out\n", b"err\n")
+    st = json.loads(status)
+    assert st["status"] == "Failure" and st["reason"] == "NonZeroExitCode"
+    assert st["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+
+
+async def test_spdy_exec_stdin_success(world: World) -> None:
+    client, s = await spdy_open(exec_url(world, ["sh", "-c", "cat; echo done"], stdin=True, stderr=False),
+                                stdin=True, stderr=False)
+    try:
+        await s["stdin"].write(b"line one\n" * 10000)
+        await s["stdin"].close()
+        out = await s["stdout"].read_all()
+        status = json.loads(await s["error"].read_all())
+    finally:
+        await client.close()
+    assert out == b"line one\n" * 10000 + b"done\n"
+    assert status == {"metadata": {}, "status": "Success"}
+
+
+async def test_spdy_exec_tty_with_resize(world: World) -> None:
+    script = 'while [ "$(busybox stty size)" != "33 101" ]; do sleep 0.1; done; echo resized; read x; echo got:$x'
+    url = exec_url(world, ["sh", "-c", script], stdin=True, tty=True, stderr=False)
+    client, s = await spdy_open(url, stdin=True, tty=True, stderr=False)
+    try:
+        await s["resize"].write(json.dumps({"Width": 101, "Height": 33}).encode())
+        out = b""
+        while b"resized" not in out:
+            chunk = await s["stdout"].read()
+            assert chunk, out
+            out += chunk
+        await s["stdin"].write(b"typed\r")
+        out += await s["stdout"].read_all()
+        status = json.loads(await s["error"].read_all())
+    finally:
+        await client.close()
+    assert b"got:typed" in out
+    assert status["status"] == "Success"
+
+
+async def test_websocket_v5_exec_with_stdin_close(world: World) -> None:
+    url = exec_url(world, ["sh", "-c", "wc -c; exit 4"], stdin=True, stderr=False)
+    async with ws_connect(ws(url), subprotocols=["v5.channel.k8s.io", "v4.channel.k8s.io"]) as conn:
+        assert conn.subprotocol == "v5.channel.k8s.io"
+        await conn.send(b"\x00" + b"z" * 1000)
+        await conn.send(bytes([255, 0]))  # v5: stdin is done
+        out = await ws_messages(conn)
+    assert out[1].strip() == b"1000"
+    st = json.loads(out[3])
+    assert st["reason"] == "NonZeroExitCode" and st["details"]["causes"][0]["message"] == "4"
+
+
+async def test_websocket_v4_exec_tty_resize(world: World) -> None:
+    script = 'while [ "$(busybox stty size)" != "40 120" ]; do sleep 0.1; done; echo resized'
+    url = exec_url(world, ["sh", "-c", script], tty=True, stderr=False)
+    async with ws_connect(ws(url), subprotocols=["v4.channel.k8s.io"]) as conn:
+        await conn.send(b"\x04" + json.dumps({"Width": 120, "Height": 40}).encode())
+        out = await ws_messages(conn)
+    assert b"resized" in out[1]
+    assert json.loads(out[3])["status"] == "Success"
+
+
+async def test_exec_of_a_missing_command_is_a_clear_error(world: World) -> None:
+    client, s = await spdy_open(exec_url(world, ["no-such-binary"]))
+    try:
+        await asyncio.gather(s["stdout"].read_all(), s["stderr"].read_all())
+        st = json.loads(await s["error"].read_all())
+    finally:
+        await client.close()
+    assert st["status"] == "Failure" and "no-such-binary" in st["message"]
+
+
+async def test_token_reuse_is_refused(world: World) -> None:
+    url = exec_url(world, ["true"], stderr=False)
+    client, s = await spdy_open(url, stderr=False)
+    await s["error"].read_all()
+    await client.close()
+    with pytest.raises(UpgradeRefused) as refused:
+        await SpdyClient.connect(url, ["v4.channel.k8s.io"])
+    assert refused.value.status == 404
+
+
+async def test_disconnect_mid_stream_leaves_no_process(world: World) -> None:
+    marker = str(40000 + secrets.randbelow(20000))
+    client, s = await spdy_open(exec_url(world, ["sh", "-c", f"echo started; exec sleep {marker}"], stderr=False),
+                                stderr=False)
+    assert await s["stdout"].read() == b"started\n"
+    for _ in range(100):
+        if _sleepers(marker):
+            break
+        await asyncio.sleep(0.05)
+    assert _sleepers(marker)
+    await client.close()  # the client goes away without a word
+    for _ in range(600):
+        if not _sleepers(marker):
+            break
+        await asyncio.sleep(0.05)
+    assert not _sleepers(marker), "\n".join(
+        ln for ln in world.stack.logs().splitlines() if "session" in ln or "stream" in ln or "spdy" in ln)[-6000:]
+
+
+# -- attach ------------------------------------------------------------------
+
+
+async def test_spdy_attach_echoes_stdin(world: World) -> None:
+    url = world.stack.runtime.Attach(api_pb2.AttachRequest(container_id=world.echoer, stdin=True, stdout=True),
+                                     timeout=30).url
+    client, s = await spdy_open(url, stdin=True, stderr=False)
+    try:
+        await s["stdin"].write(b"first\nsecond\n")
+        out = b""
+        while b"echo:second\n" not in out:
+            chunk = await s["stdout"].read()
+            assert chunk, out
+            out += chunk
+        await s["stdin"].close()
+        status = json.loads(await s["error"].read_all())
+    finally:
+        await client.close()
+    assert out == b"echo:first\necho:second\n"
+    assert status["status"] == "Success"
+
+
+# -- port forward ------------------------------------------------------------
+
+
+def pf_url(world: World, ports: list[int] | None = None) -> str:
+    return world.stack.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=world.pod, port=ports or []),
+                                           timeout=30).url
+
+
+async def _spdy_http(client: SpdyClient, request_id: int) -> tuple[bytes, bytes]:
+    headers = {"port": str(HTTP_PORT), "requestID": str(request_id)}
+    error = await client.open_stream({"streamType": "error", **headers})
+    await error.close()
+    data = await client.open_stream({"streamType": "data", **headers})
+    await data.write(b"GET /index.html HTTP/1.0\r\nHost: pod\r\n\r\n")
+    return await data.read_all(), await error.read_all()
+
+
+async def test_spdy_port_forward_http(world: World) -> None:
+    client = await SpdyClient.connect(pf_url(world), ["portforward.k8s.io"])
+    try:
+        for _ in range(100):  # httpd may still be starting
+            reply, error = await _spdy_http(client, 0)
+            if reply:
+                break
+            await asyncio.sleep(0.1)
+        results = await asyncio.gather(*(_spdy_http(client, i) for i in range(1, 7)))
+    finally:
+        await client.close()
+    for reply, error in [(reply, error), *results]:
+        assert error == b""
+        assert b" 200 " in reply.split(b"\r\n")[0]
+        assert reply.endswith(b"hello over port-forward\n")
+
+
+async def test_spdy_port_forward_closed_port_reports_error(world: World) -> None:
+    client = await SpdyClient.connect(pf_url(world), ["portforward.k8s.io"])
+    try:
+        headers = {"port": "9", "requestID": "0"}
+        error = await client.open_stream({"streamType": "error", **headers})
+        await error.close()
+        data = await client.open_stream({"streamType": "data", **headers})
+        message = await error.read_all()
+        await data.read_all()
+    finally:
+        await client.close()
+    assert b"error forwarding port 9" in message
+
+
+async def test_websocket_port_forward_http(world: World) -> None:
+    async def once() -> bytes:
+        url = pf_url(world, [HTTP_PORT]) + f"?port={HTTP_PORT}"
+        async with ws_connect(ws(url), subprotocols=["v4.channel.k8s.io"]) as conn:
+            prefix = struct.pack("<H", HTTP_PORT)
+            assert {await conn.recv(), await conn.recv()} == {b"\x00" + prefix, b"\x01" + prefix}
+            await conn.send(b"\x00GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            async for message in conn:
+                if message[0] == 0:
+                    reply += message[1:]
+            return reply
+
+    reply = b""
+    for _ in range(100):
+        reply = await once()
+        if reply:
+            break
+        await asyncio.sleep(0.1)
+    assert b" 200 " in reply.split(b"\r\n")[0] and reply.endswith(b"hello over port-forward\n")
+
+
+def _dd_written(marker: str) -> tuple[int | None, int]:
+    """(pid, bytes written) of the dd whose count is `marker`."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                # busybox dd cuts its own "key=value" arguments in two
+                if b"dd" in args[:2] and (b"\0count\0" + marker.encode() + b"\0" in b"\0".join(args)
+                                         or f"count={marker}".encode() in args):
+                    io = Path(f"/proc/{entry}/io").read_text()
+                    return int(entry), int(io.split("wchar:")[1].split()[0])
+            except (OSError, IndexError, ValueError):
+                pass
+    return None, 0
+
+
+async def test_a_client_that_stops_reading_stops_the_command(world: World) -> None:
+    blocks = 4000 + secrets.randbelow(1000)  # ~256 MiB, and a marker to find the process by
+    url = exec_url(world, ["busybox", "dd", "if=/dev/zero", "bs=65536", f"count={blocks}"], stderr=False)
+    client, s = await spdy_open(url, stderr=False)
+    try:
+        assert await s["stdout"].read()  # output flows...
+        client._task.cancel()  # ...then the client stops reading its socket
+        last, same = -1, 0
+        for _ in range(240):  # until the whole pipeline is full and dd is blocked
+            await asyncio.sleep(0.25)
+            pid, written = _dd_written(str(blocks))
+            assert pid is not None, "dd finished: nothing held it back"
+            same = same + 1 if written == last else 0
+            last = written
+            if same >= 8:
+                break
+        assert same >= 8
+        # Kernel socket buffers, the pipe, and crio-py's bounded buffers: far less than the 256 MiB.
+        assert last < 48 * 1024 * 1024, last
+    finally:
+        await client.close()
+    for _ in range(600):
+        if _dd_written(str(blocks))[0] is None:
+            break
+        await asyncio.sleep(0.05)
+    assert _dd_written(str(blocks))[0] is None
+
+
+async def test_websocket_attach_echoes_stdin(world: World) -> None:
+    url = world.stack.runtime.Attach(api_pb2.AttachRequest(container_id=world.echoer, stdin=True, stdout=True),
+                                     timeout=30).url
+    async with ws_connect(ws(url), subprotocols=["v5.channel.k8s.io"]) as conn:
+        assert await conn.recv() == b"\x01"
+        await conn.send(b"\x00over websocket\n")
+        out = b""
+        while b"echo:over websocket\n" not in out:
+            message = await conn.recv()
+            if message[0] == 1:
+                out += message[1:]
+        await conn.send(bytes([255, 0]))
+        rest = await ws_messages(conn)
+    assert json.loads(rest[3])["status"] == "Success"
+
+
+async def test_websocket_tunnelled_spdy_port_forward_http(world: World) -> None:
+    async with ws_connect(ws(pf_url(world)), subprotocols=["v2.portforward.k8s.io"]) as conn:
+        assert conn.subprotocol == "v2.portforward.k8s.io"
+        (reader, writer), pump = await socket_bridge(conn)
+        client = SpdyClient(reader, writer, "portforward.k8s.io", False)
+        try:
+            reply, error = b"", b""
+            for attempt in range(100):
+                reply, error = await _spdy_http(client, attempt)
+                if reply:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+            pump.cancel()
+    assert error == b"" and reply.endswith(b"hello over port-forward\n")
