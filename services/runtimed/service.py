@@ -179,7 +179,10 @@ class Runtimed(Service):
         runc = self._runc_for("")
         if not os.path.isdir(runc.root):
             return
-        known = set(self.containers) | {i for i, r in self.sandboxes.items() if r.get("infra")}
+        # A reserved record has no runc container yet: one with its id is left
+        # from a create that was interrupted, and is deleted like any orphan.
+        known = ({i for i, r in self.containers.items() if r["state"] != "reserved"}
+                 | {i for i, r in self.sandboxes.items() if r.get("infra")})
         for container_id in os.listdir(runc.root):
             if container_id not in known:
                 log.warning("orphan_container_deleted", container_id=container_id)
@@ -749,6 +752,11 @@ class Runtimed(Service):
                 pids_limit=self.rc.pids_limit,
                 privileged_host_devices=not handler.privileged_without_host_devices)
             bundle = os.path.join(self.state_dir, "containers", rec["id"])
+            if os.path.exists(bundle):
+                # An earlier attempt was cut off (its conmon may even have gone
+                # on): clear what it left, runc container and exit file included.
+                log.warning("container_create_clears_leftover", container_id=rec["id"])
+                await self._undo_container_create({**rec, "bundle": bundle})
             os.makedirs(bundle, mode=0o700, exist_ok=True)
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(built.spec, f)
@@ -773,14 +781,15 @@ class Runtimed(Service):
                 if conmon_cgroup:
                     cgroups.create(conmon_cgroup)
                     procs = cgroups.procs(conmon_cgroup)
-                started = await conmon.start(conmon.ConmonSpec(
+                conmon_spec = conmon.ConmonSpec(
                     container_id=rec["id"], name=rec["name"], bundle=bundle, log_path=log_path,
                     exit_dir=self.exit_dir, socket_dir=self.attach_dir,
                     persist_dir=os.path.join(bundle, "persist"), runc=self._runc(rec),
                     monitor_path=handler.monitor_path, terminal=bool(cfg.get("tty")),
                     stdin=bool(cfg.get("stdin")), stdin_once=bool(cfg.get("stdin_once")),
                     log_size_max=self.rc.log_size_max, log_level=self.rc.log_level,
-                    systemd_cgroup=self.systemd), cgroup_procs=procs)
+                    systemd_cgroup=self.systemd)
+                started = await conmon.start(conmon_spec, cgroup_procs=procs)
             except BaseException:
                 await self._undo_container_create(rec)
                 rec["state"] = "reserved"

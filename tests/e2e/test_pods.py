@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import secrets
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -19,9 +17,9 @@ from cri_api.v1 import api_pb2
 from services.runtimed import mounts
 from shared import privileges
 from shared.config import DEFAULT_CAPABILITIES
-from tests.support import images
-from tests.support.registry import Registry, launch_registry
-from tests.support.stack import Dirs, Stack, remove_dirs, short_tempdir, start_stack
+from tests.support.pods import bridge_stack, busybox_registry, conmon_pids, leftover_mounts, runc_ids
+from tests.support.registry import Registry
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.root
 
@@ -29,70 +27,26 @@ CGROUP_PARENT = f"/criopy-e2e-{secrets.token_hex(3)}"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = launch_registry(tmp_path_factory.mktemp("pods-registry"))
-    try:
-        yield reg
-    finally:
-        reg.stop()
+def registry_and_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, str]]:
+    with busybox_registry(tmp_path_factory.mktemp("pods-registry"), "pods/busybox",
+                          cmd=["sh"], env=["PATH=/bin", "FROM=image"]) as found:
+        yield found
 
 
 @pytest.fixture(scope="module")
-def busybox(registry: Registry) -> str:
-    images.push_busybox_image(registry, "pods/busybox", "latest", cmd=["sh"], env=["PATH=/bin", "FROM=image"])
-    return f"{registry.host}/pods/busybox:latest"
+def registry(registry_and_image: tuple[Registry, str]) -> Registry:
+    return registry_and_image[0]
 
 
-def _conmons(base: Path) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmd[0].endswith(b"conmon") and any(str(base).encode() in a for a in cmd):
-                pids.append(int(entry))
-    return pids
+@pytest.fixture(scope="module")
+def busybox(registry_and_image: tuple[Registry, str]) -> str:
+    return registry_and_image[1]
 
 
 @pytest.fixture
 def pod_stack(registry: Registry) -> Iterator[Stack]:
-    dirs = Dirs(short_tempdir("cpp-")).make()
-    bridge = f"cpt{secrets.token_hex(3)}"
-    subnet = f"10.{100 + secrets.randbelow(100)}.{secrets.randbelow(250)}.0/24"
-    (dirs.cni / "10-pods.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": "criopy-pods",
-        "plugins": [{"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-                     "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
-                              "dataDir": str(dirs.base / "ipam")}},
-                    {"type": "loopback"}]}))
-    insecure = json.dumps([registry.host])
-    stack = start_stack(dirs, "--set", f"crio.image.insecure_registries={insecure}")
-    try:
+    with bridge_stack("cpp-", CGROUP_PARENT, registry=registry) as stack:
         yield stack
-    finally:
-        try:
-            for pod in stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
-                stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
-        finally:
-            stack.stop()
-            for pid in _conmons(dirs.base):
-                os.kill(pid, signal.SIGKILL)
-            runc_root = dirs.root / "runtimed" / "runc"
-            if runc_root.is_dir():
-                for cid in os.listdir(runc_root):
-                    subprocess.run(["runc", "--root", str(runc_root), "delete", "-f", cid], capture_output=True)
-            for m in sorted(mounts.mount_table(), key=lambda m: len(m.mount_point), reverse=True):
-                if m.mount_point.startswith(str(dirs.base) + "/"):
-                    mounts.unmount(m.mount_point)
-            subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-            for top in Path("/sys/fs/cgroup").glob(f"*{CGROUP_PARENT}"):
-                for d in sorted(top.rglob("*"), key=lambda p: len(str(p)), reverse=True):
-                    if d.is_dir():
-                        os.rmdir(d)
-                os.rmdir(top)
-            remove_dirs(dirs)
 
 
 def pod_config(name: str, *, attempt: int = 0, uid: str | None = None) -> api_pb2.PodSandboxConfig:
@@ -175,10 +129,8 @@ def test_pod_and_container_lifecycle(pod_stack: Stack, busybox: str):
     with pytest.raises(grpc.RpcError) as err:
         stack.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert _conmons(stack.dirs.base) == []
-    # Only the netns directory itself stays mounted (netd makes it a shared mount point once).
-    left = [m.mount_point for m in mounts.mount_table() if m.mount_point.startswith(str(stack.dirs.base) + "/")]
-    assert [m for m in left if m != str(stack.dirs.netns)] == []
+    assert conmon_pids(stack.dirs.base) == []
+    assert leftover_mounts(stack) == []
 
 
 def test_missing_image_and_bad_input(pod_stack: Stack, busybox: str):
@@ -227,11 +179,6 @@ def test_retried_run_pod_sandbox_returns_the_same_pod(pod_stack: Stack):
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
-def _runc_ids(stack: Stack) -> set[str]:
-    root = stack.dirs.root / "runtimed" / "runc"
-    return set(os.listdir(root)) if root.is_dir() else set()
-
-
 def test_runtimed_sigkill_during_pod_churn(pod_stack: Stack, busybox: str):
     stack = pod_stack
     stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=60)
@@ -273,7 +220,7 @@ def test_runtimed_sigkill_during_pod_churn(pod_stack: Stack, busybox: str):
     # Every container runc knows is one runtimed knows.
     listed = {c.id for c in stack.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=30).containers}
     pods = stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items
-    assert _runc_ids(stack) <= listed | {p.id for p in pods}
+    assert runc_ids(stack) <= listed | {p.id for p in pods}
     for cid in listed:
         st = stack.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid), timeout=10).status
         assert st.state in (api_pb2.ContainerState.CONTAINER_CREATED, api_pb2.ContainerState.CONTAINER_RUNNING,
@@ -281,10 +228,9 @@ def test_runtimed_sigkill_during_pod_churn(pod_stack: Stack, busybox: str):
     for pod in pods:
         stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
     assert stack.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=30).containers == []
-    assert _runc_ids(stack) == set()
-    assert _conmons(stack.dirs.base) == []
-    left = [m.mount_point for m in mounts.mount_table() if m.mount_point.startswith(str(stack.dirs.base) + "/")]
-    assert [m for m in left if m != str(stack.dirs.netns)] == []
+    assert runc_ids(stack) == set()
+    assert conmon_pids(stack.dirs.base) == []
+    assert leftover_mounts(stack) == []
     cgroup_dirs = [p for top in Path("/sys/fs/cgroup").glob(f"*{CGROUP_PARENT}") for p in top.rglob("*") if p.is_dir()]
     assert cgroup_dirs == []
 

@@ -12,10 +12,10 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
-from services.runtimed import mounts
 from shared.services import START_ORDER
 from tests.e2e.test_pods import (  # noqa: F401 - fixtures
-    _conmons, _runc_ids, busybox, container_config, create, pod_config, pod_stack, registry, run_pod, wait_state)
+    busybox, container_config, create, pod_config, pod_stack, registry, registry_and_image, run_pod, wait_state)
+from tests.support.pods import conmon_pids, leftover_mounts, runc_ids
 from tests.support.stack import Stack, criopy
 
 pytestmark = pytest.mark.root
@@ -134,12 +134,11 @@ def test_restarting_each_service_during_pod_churn_loses_nothing(pod_stack: Stack
     # Nothing leaked by the churn: only the keeper remains.
     assert [p.id for p in rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items] == [keeper_id]
     assert [c.id for c in rt.ListContainers(api_pb2.ListContainersRequest(), timeout=30).containers] == [keeper_cid]
-    assert _runc_ids(stack) <= {keeper_cid, keeper_id}
-    assert len(_conmons(stack.dirs.base)) == 1
+    assert runc_ids(stack) <= {keeper_cid, keeper_id}
+    assert len(conmon_pids(stack.dirs.base)) == 1
     rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=keeper_id), timeout=30)
     rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=keeper_id), timeout=30)
-    assert _conmons(stack.dirs.base) == []
+    assert conmon_pids(stack.dirs.base) == []
     netns = sorted(p.name for p in stack.dirs.netns.iterdir())
     assert netns == []
-    left = [m.mount_point for m in mounts.mount_table() if m.mount_point.startswith(str(stack.dirs.base) + "/")]
-    assert [m for m in left if m != str(stack.dirs.netns)] == []
+    assert leftover_mounts(stack) == []

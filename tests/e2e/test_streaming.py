@@ -11,9 +11,7 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import struct
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,12 +21,10 @@ import pytest
 from cri_api.v1 import api_pb2
 from websockets.asyncio.client import connect as ws_connect
 
-from services.runtimed import mounts
 from tests.frontend.streaming.spdy_client import SpdyClient, UpgradeRefused
 from tests.frontend.streaming.tunnel import socket_bridge
-from tests.support import images
-from tests.support.registry import Registry, launch_registry
-from tests.support.stack import Dirs, Stack, remove_dirs, short_tempdir, start_stack
+from tests.support.pods import bridge_stack, busybox_registry
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -45,36 +41,11 @@ class World:
     web: str  # busybox httpd on 127.0.0.1:8080
 
 
-def _conmons(base: Path) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmd[0].endswith(b"conmon") and any(str(base).encode() in a for a in cmd):
-                pids.append(int(entry))
-    return pids
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    registry: Registry = launch_registry(tmp_path_factory.mktemp("stream-registry"))
-    dirs = Dirs(short_tempdir("cps-")).make()
-    bridge = f"cps{secrets.token_hex(3)}"
-    subnet = f"10.{100 + secrets.randbelow(100)}.{secrets.randbelow(250)}.0/24"
-    (dirs.cni / "10-stream.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": "criopy-stream",
-        "plugins": [{"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-                     "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
-                              "dataDir": str(dirs.base / "ipam")}},
-                    {"type": "loopback"}]}))
-    stack = None
-    try:
-        images.push_busybox_image(registry, "stream/busybox", "latest", cmd=["sh"], env=["PATH=/bin"])
-        image = f"{registry.host}/stream/busybox:latest"
-        stack = start_stack(dirs, "--set", f"crio.image.insecure_registries={json.dumps([registry.host])}")
+    with busybox_registry(tmp_path_factory.mktemp("stream-registry"), "stream/busybox",
+                          cmd=["sh"], env=["PATH=/bin"]) as (registry, image), \
+            bridge_stack("cps-", CGROUP_PARENT, registry=registry) as stack:
         stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
         pod_cfg = api_pb2.PodSandboxConfig(
             metadata=api_pb2.PodSandboxMetadata(name="streams", namespace="e2e", uid=secrets.token_hex(8)),
@@ -95,31 +66,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         web = container("web", ["sh", "-c", "mkdir -p /www && echo hello over port-forward > /www/index.html && "
                                             f"exec busybox httpd -f -p 127.0.0.1:{HTTP_PORT} -h /www"])
         yield World(stack, pod, worker, echoer, web)
-    finally:
-        try:
-            if stack is not None:
-                for p in stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
-                    stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=p.id), timeout=60)
-        finally:
-            if stack is not None:
-                stack.stop()
-            registry.stop()
-            for pid in _conmons(dirs.base):
-                os.kill(pid, signal.SIGKILL)
-            runc_root = dirs.root / "runtimed" / "runc"
-            if runc_root.is_dir():
-                for cid in os.listdir(runc_root):
-                    subprocess.run(["runc", "--root", str(runc_root), "delete", "-f", cid], capture_output=True)
-            for m in sorted(mounts.mount_table(), key=lambda m: len(m.mount_point), reverse=True):
-                if m.mount_point.startswith(str(dirs.base) + "/"):
-                    mounts.unmount(m.mount_point)
-            subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-            for top in Path("/sys/fs/cgroup").glob(f"*{CGROUP_PARENT}"):
-                for d in sorted(top.rglob("*"), key=lambda p: len(str(p)), reverse=True):
-                    if d.is_dir():
-                        os.rmdir(d)
-                os.rmdir(top)
-            remove_dirs(dirs)
 
 
 def exec_url(world: World, cmd: list[str], *, container: str | None = None, stdin=False, stdout=True,

@@ -193,3 +193,31 @@ async def test_restart_deletes_runc_containers_no_record_knows(base_dir, cgroup_
         for rt in (first, second):
             if rt is not None:
                 await cleanup(rt, base_dir)
+
+
+async def test_a_reserved_container_left_in_runc_is_deleted_and_can_be_created_again(base_dir, cgroup_parent, rootfs):
+    config = make_config(base_dir)
+    first = Runtimed(config)
+    await first.start()
+    second = None
+    try:
+        pod = await new_pod(first, cgroup_parent)
+        cid = await new_container(first, pod, rootfs, container_config("again", command=["sleep", "600"]), start=False)
+        await first.stop()
+        # As if the create was cancelled while conmon went on: the record says
+        # reserved, but runc has the container.
+        records = Path(first.state_dir, "records", "containers")
+        rec = json.loads((records / f"{cid}.json").read_text())
+        rec["state"] = "reserved"
+        (records / f"{cid}.json").write_text(json.dumps(rec))
+        first = None
+        second = Runtimed(config)
+        await second.start()
+        assert not os.path.exists(os.path.join(second.state_dir, "runc", cid))
+        await second.create_container(container_id=cid, rootfs=rootfs)
+        await second.start_container(container_id=cid)
+        assert (await second.container_status(container_id=cid))["status"]["state"] == "CONTAINER_RUNNING"
+    finally:
+        for rt in (first, second):
+            if rt is not None:
+                await cleanup(rt, base_dir)
