@@ -287,3 +287,21 @@ def test_container_features_through_cri(pod_stack: Stack, busybox: str):
     time.sleep(0.3)
     stack.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=stubborn, timeout=1), timeout=30)
     assert wait_state(stack, stubborn, api_pb2.ContainerState.CONTAINER_EXITED).exit_code == 137
+
+
+def test_an_image_in_use_by_a_container_cannot_be_removed(pod_stack: Stack, busybox: str):
+    stack = pod_stack
+    stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=60)
+    pod = pod_config("inuse")
+    pod_id = run_pod(stack, pod)
+    cid = create(stack, pod_id, pod, container_config("user", busybox, ["true"]))
+    with pytest.raises(grpc.RpcError) as err:
+        stack.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert cid[:12] in err.value.details() or "in use" in err.value.details()
+    status = stack.images.ImageStatus(api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=10)
+    assert status.image.id
+    stack.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=30)
+    stack.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=30)
+    gone = stack.images.ImageStatus(api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=10)
+    assert not gone.HasField("image")
