@@ -18,19 +18,20 @@ import secrets
 import shutil
 import signal as signals
 import time
+from collections import Counter
 from typing import Any, Callable
 
 import structlog
 
-from services.runtimed import cgroups, conmon, namespaces, podfiles, process, spec
+from services.runtimed import (cgroups, checkpoint, conmon, exec_session, namespaces, pod_resources, podfiles,
+                               process, spec, stats)
 from services.runtimed.events import Events
-from services.runtimed import checkpoint, pod_resources, stats
-from services.runtimed import exec_session
 from services.runtimed.event_publisher import EventPublisher
 from services.runtimed.mounts import mount, unmount
 from services.runtimed.paths import confined_relative
 from services.runtimed.runc import Runc
 from services.runtimed.store import Store
+from shared import metrics
 from shared.bus.service import Service, method
 from shared.config import Config, RuntimeHandler
 from shared.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
@@ -44,6 +45,11 @@ EXIT_POLL_INTERVAL = 0.25
 EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
 DEFAULT_CGROUP_PARENT = "/criopy"
 SHM_SIZE = "65536k"
+
+def _count_oom_kills(event: dict[str, Any]) -> None:
+    if event["kind"] == "container" and event["event"] == "oom":
+        metrics.OOM_KILLS.inc()
+
 
 _SANDBOX_STATES = {"ready": "SANDBOX_READY", "notready": "SANDBOX_NOTREADY"}
 _CONTAINER_STATES = {"created": "CONTAINER_CREATED", "running": "CONTAINER_RUNNING",
@@ -124,10 +130,18 @@ class Runtimed(Service):
         # Hooked before reconciling, so exits that happened while runtimed was down are published.
         self._event_publisher = EventPublisher(self)
         self._event_publisher.attach()
+        self.events.subscribe(_count_oom_kills)
         await self._reconcile()
         self._watcher = asyncio.create_task(self._watch_exits(), name="runtimed-exit-watcher")
         self.ready = True
         log.info("runtimed_started", sandboxes=len(self.sandboxes), containers=len(self.containers))
+
+    def refresh_metrics(self) -> None:
+        for gauge, records, names in ((metrics.CONTAINERS, self.containers, _CONTAINER_STATES),
+                                      (metrics.PODS, self.sandboxes, _SANDBOX_STATES)):
+            counts = Counter(r["state"] for r in records.values() if r["state"] in names)
+            for state in names:
+                gauge.labels(state).set(counts[state])
 
     async def stop(self) -> None:
         self.ready = False

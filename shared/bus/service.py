@@ -107,9 +107,13 @@ class Service:
             **self.readiness(),
         }
 
+    def refresh_metrics(self) -> None:
+        """Bring gauges up to date just before they are read (e.g. objects by state)."""
+
     @method(idempotent=True)
     async def metrics(self) -> str:
         """This process's Prometheus metrics, in the text exposition format."""
+        self.refresh_metrics()
         return metrics.exposition()
 
     # -- introspection used by the bus server -----------------------------

@@ -166,13 +166,22 @@ async def test_memory_and_pids_limits_in_cgroup(runtimed, cgroup_parent, rootfs)
     assert status["resources"]["linux"]["memory_limit_in_bytes"] == str(2 * limit)
 
 
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
 async def test_oom_killed(runtimed, cgroup_parent, rootfs):
+    kills_before = _sample(await runtimed.metrics(), "criopy_containers_oom_total")
     pod = await new_pod(runtimed, cgroup_parent)
     status, _ = await run_to_exit(runtimed, pod, rootfs, container_config(
         "hog", command=["sh", "-c", "x=AAAAAAAAAAAAAAAA; while true; do x=$x$x; done"],
         resources={"memory_limit_in_bytes": str(16 * 1024 * 1024)}))
     assert status["reason"] == "OOMKilled"
     assert status["exit_code"] == 137
+    page = await runtimed.metrics()
+    assert _sample(page, "criopy_containers_oom_total") == kills_before + 1
+    assert _sample(page, 'criopy_containers{state="exited"}') == 1
+    assert _sample(page, 'criopy_pods{state="ready"}') == 1
 
 
 async def test_invalid_input(runtimed, cgroup_parent, rootfs):
