@@ -407,16 +407,19 @@ class Runtimed(Service):
         async with self._lock(sandbox_id):
             if rec["state"] in ("reserved", "creating"):
                 await self._teardown_sandbox(rec, remove=True)
-                await self._forget_sandbox(rec)
+                await self._forget("sandboxes", rec)
         await self._notify()
         return {}
 
-    async def _forget_sandbox(self, rec: dict[str, Any]) -> None:
+    async def _forget(self, kind: str, rec: dict[str, Any]) -> None:
+        """Drop a sandbox's or container's record, its name and its lock."""
         assert self._store is not None
-        await self._store.delete("sandboxes", rec["id"])
-        self.sandboxes.pop(rec["id"], None)
-        if self._sandbox_names.get(rec["name"]) == rec["id"]:
-            del self._sandbox_names[rec["name"]]
+        records, names = ((self.sandboxes, self._sandbox_names) if kind == "sandboxes"
+                          else (self.containers, self._container_names))
+        await self._store.delete(kind, rec["id"])
+        records.pop(rec["id"], None)
+        if names.get(rec["name"]) == rec["id"]:
+            del names[rec["name"]]
         self._locks.pop(rec["id"], None)
 
     def _sandbox_paths(self, sandbox_id: str) -> tuple[str, str]:
@@ -632,7 +635,7 @@ class Runtimed(Service):
 
     async def _remove_sandbox_locked(self, rec: dict[str, Any]) -> None:
         await self._teardown_sandbox(rec, remove=True)
-        await self._forget_sandbox(rec)
+        await self._forget("sandboxes", rec)
         self.events.emit("sandbox", "removed", rec["id"], rec["id"])
         log.info("sandbox_removed", sandbox_id=rec["id"])
 
@@ -874,17 +877,9 @@ class Runtimed(Service):
         async with self._lock(container_id):
             if rec["state"] in ("reserved", "creating"):
                 await self._undo_container_create(rec)
-                await self._forget_container(rec)
+                await self._forget("containers", rec)
         await self._notify()
         return {}
-
-    async def _forget_container(self, rec: dict[str, Any]) -> None:
-        assert self._store is not None
-        await self._store.delete("containers", rec["id"])
-        self.containers.pop(rec["id"], None)
-        if self._container_names.get(rec["name"]) == rec["id"]:
-            del self._container_names[rec["name"]]
-        self._locks.pop(rec["id"], None)
 
     @method(idempotent=False)
     async def start_container(self, container_id: str) -> dict:
@@ -1025,7 +1020,7 @@ class Runtimed(Service):
         await self._runc(rec).delete(rec["id"], force=True)
         await self._wait_conmon_gone(rec.get("conmon_pid"), rec.get("conmon_start"))
         self._cleanup_container_files(rec)
-        await self._forget_container(rec)
+        await self._forget("containers", rec)
         self.events.emit("container", "removed", rec["id"], rec["sandbox_id"])
         log.info("container_removed", container_id=rec["id"])
 
