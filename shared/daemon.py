@@ -10,7 +10,7 @@ import zmq.asyncio
 
 from shared import log as logs
 from shared import privileges, tracing
-from shared.bus.events import EventPublisher
+from shared.bus.events import SPANS_TOPIC, EventPublisher
 from shared.bus.server import BusServer
 from shared.bus.service import Service
 from shared.config import Config, ConfigSources
@@ -29,7 +29,7 @@ def run_service(name: str, config: Config, sources: ConfigSources) -> int:
     # before any request can be read.
     kept = privileges.restrict_to(cls.declared_capabilities())
     logs.configure(name, config.criopy.log.level_of(name, config.crio.runtime.log_level), config.criopy.log.log_format)
-    tracing.configure(name, config.crio.tracing)
+    tracing.configure(name, config.crio.tracing, relayed=not cls.network)
     log.info("service_starting", capabilities=sorted(kept))
     try:
         asyncio.run(_serve(cls(config), config, sources))
@@ -71,9 +71,12 @@ async def _serve(service: Service, config: Config, sources: ConfigSources) -> No
     context = zmq.asyncio.Context()
     server = BusServer(service, config.bus_endpoint(service.name),
                        max_message_bytes=config.criopy.bus.max_message_bytes, context=context)
-    if service.publishes_events:
+    if service.publishes_events or not service.network:
         service.publisher = EventPublisher(config.events_endpoint(service.name), context)
         service.publisher.bind()
+    if not service.network:
+        publisher = service.publisher
+        tracing.attach_relay(loop, lambda spans: publisher.publish(SPANS_TOPIC, {"otlp": spans}))
     try:
         # State is reloaded and reconciled before the first request is read.
         await service.start()

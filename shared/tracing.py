@@ -10,15 +10,17 @@ a collector over gRPC (needs the `otlp` extra: opentelemetry-exporter-otlp-proto
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor,
+                                            SpanExporter, SpanExportResult)
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -67,11 +69,45 @@ class _Switchable(SpanProcessor, Sampler):
 _switch = _Switchable()
 
 
+class _RelayExporter(SpanExporter):
+    """For a service with no network: its spans go to the frontend over the bus, which sends them on."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._send: Callable[[bytes], None] | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop, send: Callable[[bytes], None]) -> None:
+        self._loop, self._send = loop, send
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._loop is None or self._send is None or self._loop.is_closed():
+            return SpanExportResult.FAILURE
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        # The export runs in the processor's thread; the bus socket belongs to the event loop.
+        self._loop.call_soon_threadsafe(self._send, encode_spans(spans).SerializeToString())
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self._send = None
+
+
+_relay = _RelayExporter()
+_relayed = False  # this process has no network: OTLP spans go through the frontend
+
+
+def attach_relay(loop: asyncio.AbstractEventLoop, send: Callable[[bytes], None]) -> None:
+    """Where a process without network hands its encoded spans (OTLP ExportTraceServiceRequest bytes)."""
+    _relay.attach(loop, send)
+
+
 def _processor(settings: TracingConfig) -> SpanProcessor | None:
     if not settings.enable_tracing:
         return None
     if settings.tracing_exporter == "console":
         return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout, formatter=_compact))
+    if _relayed:
+        return BatchSpanProcessor(_relay)
     try:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     except ImportError:
@@ -81,9 +117,14 @@ def _processor(settings: TracingConfig) -> SpanProcessor | None:
     return BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.tracing_endpoint, insecure=True))
 
 
-def configure(service: str, settings: TracingConfig) -> None:
-    """Set up this process's tracing, or change its exporter and sampling after a reload."""
-    global _provider
+def configure(service: str, settings: TracingConfig, *, relayed: bool | None = None) -> None:
+    """Set up this process's tracing, or change its exporter and sampling after a reload.
+
+    `relayed`: the process has no network, so OTLP spans are relayed by the frontend.
+    """
+    global _provider, _relayed
+    if relayed is not None:
+        _relayed = relayed
     rate = max(0, min(settings.tracing_sampling_rate_per_million, 1_000_000)) / 1_000_000
     old = _switch.processor
     _switch.processor = _processor(settings)

@@ -9,6 +9,7 @@ from services.frontend.daemons import Daemons
 from services.frontend.event_hub import EventHub
 from services.frontend.grpc_server import start_server
 from services.frontend.metrics_endpoint import MetricsEndpoint
+from services.frontend.span_relay import SpanRelay
 from services.frontend.streaming import stop_streaming_server, streaming_server
 from shared.bus.client import BusClient
 from shared.bus.service import Service
@@ -25,6 +26,7 @@ class Frontend(Service):
     _supervisor: BusClient | None = None
     daemons: Daemons | None = None
     events: EventHub | None = None
+    span_relay: SpanRelay | None = None
 
     async def start(self) -> None:
         self._context = zmq.asyncio.Context.instance()
@@ -32,6 +34,8 @@ class Frontend(Service):
         self.daemons.connect()
         self.events = EventHub(self.config, self._context)
         self.events.start()
+        self.span_relay = SpanRelay(self.config, self._context)
+        self.span_relay.start()
         self.daemons.events = self.events
         # Listening from the start, as CRI-O's, so the first exec gets no extra delay.
         await streaming_server(self.config, self.daemons)
@@ -65,5 +69,7 @@ class Frontend(Service):
         await stop_streaming_server()
         if self.events is not None:
             await self.events.close()
+        if self.span_relay is not None:
+            await self.span_relay.close()
         if self.daemons is not None:
             await self.daemons.close()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from services.runtimed.runc import Runc
+from shared import tracing
 from shared.errors import DeadlineExceeded, Internal
 
 log = structlog.get_logger(__name__)
@@ -108,6 +109,12 @@ async def start(spec: ConmonSpec, *, cgroup_procs: list[str] | None = None,
 
     `cgroup_procs`: cgroup.procs files conmon is moved into before it starts work.
     """
+    with tracing.tracer(__name__).start_as_current_span(
+            "conmon create", attributes={"criopy.container_id": spec.container_id}):
+        return await _start(spec, cgroup_procs, timeout)
+
+
+async def _start(spec: ConmonSpec, cgroup_procs: list[str] | None, timeout: float) -> Started:
     # conmon dies without writing the exit file when its persist dir is missing.
     os.makedirs(spec.persist_dir, mode=0o700, exist_ok=True)
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)

@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from services.runtimed import process
+from shared import tracing
 from shared.errors import Internal, NotFound
 
 log = structlog.get_logger(__name__)
@@ -41,7 +42,9 @@ class Runc:
 
     async def _run(self, sub: list[str], *, timeout: float = DEFAULT_TIMEOUT,
                    input: bytes | None = None) -> process.Completed:
-        result = await process.run(self._base() + sub, timeout=timeout, input=input)
+        with tracing.tracer(__name__).start_as_current_span(
+                f"runc {sub[0]}", attributes={"criopy.runc.args": " ".join(sub[1:])[:200]}):
+            result = await process.run(self._base() + sub, timeout=timeout, input=input)
         if result.returncode != 0:
             message = _error_text(result.stderr) or f"exit status {result.returncode}"
             if "does not exist" in message or "not exist" in message:

@@ -9,7 +9,6 @@ drops messages for a peer whose queue is full.
 
 from __future__ import annotations
 
-import os
 from typing import Any, AsyncIterator
 
 import msgpack
@@ -17,9 +16,13 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from shared.bus import ipc
+
 log = structlog.get_logger(__name__)
 
 EVENTS_VERSION = 1
+# Spans of a service with no network, for the frontend to send on to the collector.
+SPANS_TOPIC = "spans"
 # Messages queued per subscriber before ZeroMQ starts dropping for it.
 SEND_HIGH_WATER_MARK = 10_000
 
@@ -32,15 +35,14 @@ class EventPublisher:
         self._socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
 
     def bind(self) -> None:
-        path = self.endpoint.removeprefix("ipc://")
-        if self.endpoint.startswith("ipc://") and os.path.exists(path):
-            os.unlink(path)
+        ipc.prepare(self.endpoint)
         self._socket.bind(self.endpoint)
-        if self.endpoint.startswith("ipc://"):
-            os.chmod(path, 0o660)
+        ipc.restrict(self.endpoint)
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Send one event; never blocks (a full queue drops it for that subscriber)."""
+        if self._socket.closed:
+            return
         payload = msgpack.packb({"v": EVENTS_VERSION, "topic": topic, "event": event}, use_bin_type=True)
         try:
             self._socket.send_multipart([topic.encode(), payload], flags=zmq.NOBLOCK)

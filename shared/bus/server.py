@@ -11,7 +11,6 @@ becomes INTERNAL, with the exception logged.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ import zmq.asyncio
 from opentelemetry import trace
 
 from shared import tracing
+from shared.bus import ipc
 from shared.bus.envelope import MalformedMessage, Reply, decode_request, peek_request_id
 from shared.bus.service import Service
 from shared.errors import CriopyError, DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unimplemented
@@ -51,14 +51,9 @@ class BusServer:
         # Far larger messages are cut off by ZeroMQ itself (it drops the peer);
         # up to this size we can still read the id and answer with an error.
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes * 4)
-        path = self.endpoint.removeprefix("ipc://")
-        if self.endpoint.startswith("ipc://"):
-            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
-            if os.path.exists(path):
-                os.unlink(path)  # left by a predecessor killed without cleanup
+        ipc.prepare(self.endpoint)
         sock.bind(self.endpoint)
-        if self.endpoint.startswith("ipc://"):
-            os.chmod(path, 0o660)
+        ipc.restrict(self.endpoint)
         self._socket = sock
         self._receiver = asyncio.create_task(self._receive_loop(), name=f"bus-server-{self.service.name}")
         log.info("bus_listening", endpoint=self.endpoint, methods=sorted(self._methods))
