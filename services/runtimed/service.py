@@ -46,6 +46,12 @@ EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
 DEFAULT_CGROUP_PARENT = "/criopy"
 SHM_SIZE = "65536k"
 
+def _selected(entry: dict[str, Any], want_state: str | None, selector: dict[str, str]) -> bool:
+    """Whether a listed sandbox or container passes a CRI filter's state and label selector."""
+    return (not want_state or entry["state"] == want_state) and \
+        all(entry["labels"].get(k) == v for k, v in selector.items())
+
+
 def _count_oom_kills(event: dict[str, Any]) -> None:
     if event["kind"] == "container" and event["event"] == "oom":
         metrics.OOM_KILLS.inc()
@@ -696,11 +702,8 @@ class Runtimed(Service):
             if f.get("id") and not rec["id"].startswith(f["id"]):
                 continue
             entry = self._sandbox_entry(rec)
-            if want_state and entry["state"] != want_state:
-                continue
-            if any(entry["labels"].get(k) != v for k, v in selector.items()):
-                continue
-            out.append(entry)
+            if _selected(entry, want_state, selector):
+                out.append(entry)
         return out
 
     # -- containers -----------------------------------------------------------
@@ -1091,11 +1094,8 @@ class Runtimed(Service):
                 continue
             await self._refresh(rec)
             entry = self._container_entry(rec)
-            if want_state and entry["state"] != want_state:
-                continue
-            if any(entry["labels"].get(k) != v for k, v in selector.items()):
-                continue
-            out.append(entry)
+            if _selected(entry, want_state, selector):
+                out.append(entry)
         return out
 
     @method(idempotent=False)

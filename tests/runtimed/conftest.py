@@ -110,6 +110,38 @@ async def runtimed(base_dir: Path, cgroup_parent: str) -> AsyncIterator[Runtimed
     assert leaks == [], f"left behind after removing every pod: {leaks}"
 
 
+class Lives:
+    """One runtimed after another on the same state, as across restarts; the last one is cleaned up."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.config = make_config(base)
+        self.current: Runtimed | None = None
+
+    async def start(self) -> Runtimed:
+        service = Runtimed(self.config)
+        await service.start()
+        self.current = service
+        return service
+
+    async def stop(self) -> None:
+        """Stop the current runtimed the way a restart does; its containers go on under conmon."""
+        assert self.current is not None
+        await self.current.stop()
+        self.current = None
+
+
+@pytest.fixture
+async def lives(base_dir: Path, cgroup_parent: str) -> AsyncIterator[Lives]:
+    # Depends on cgroup_parent so that it is cleaned up before the cgroups are.
+    runs = Lives(base_dir)
+    try:
+        yield runs
+    finally:
+        if runs.current is not None:
+            await cleanup(runs.current, base_dir)
+
+
 async def cleanup(service: Runtimed, base: Path, cgroup_parent: str | None = None) -> list[str]:
     """Remove every pod and container; return what is left of them on the machine, then force it away."""
     leaks: list[str] = []

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.runtimed.service import Runtimed
 from shared.errors import DeadlineExceeded, FailedPrecondition
-from tests.runtimed.conftest import (IMAGE, cleanup, conmon_pids, container_config, make_config, new_container,
+from tests.runtimed.conftest import (IMAGE, conmon_pids, container_config, new_container,
                                      new_pod, read_log, wait_exited)
 
 pytestmark = pytest.mark.root
@@ -109,115 +108,75 @@ async def test_pod_sysctls_and_ipc(runtimed, cgroup_parent, rootfs):
                                                                    "sysctls": {"kernel.panic": "1"}})
 
 
-async def test_restart_reattaches_and_picks_up_exits(base_dir, cgroup_parent, rootfs):
-    config = make_config(base_dir)
-    first = Runtimed(config)
-    await first.start()
-    second = None
-    try:
-        pod = await new_pod(first, cgroup_parent)
-        runner = await new_container(first, pod, rootfs, container_config("runner", command=["sleep", "600"]))
-        quitter = await new_container(first, pod, rootfs, container_config(
-            "quitter", command=["sh", "-c", "read x < /dev/shm/go 2>/dev/null; sleep 1; exit 5"]))
-        # Simulate a SIGKILL of runtimed: drop it without any cleanup.
-        await first.stop()
-        first = None
-        await asyncio.sleep(2)  # the quitter exits while no runtimed is running
-        second = Runtimed(config)
-        await second.start()
-        st = (await second.container_status(container_id=runner))["status"]
-        assert st["state"] == "CONTAINER_RUNNING"
-        result = await second.exec_sync(container_id=runner, cmd=["echo", "still here"], timeout=10)
-        assert result["stdout"] == b"still here\n"
-        st = (await second.container_status(container_id=quitter))["status"]
-        assert st["state"] == "CONTAINER_EXITED" and st["exit_code"] == 5
-        await second.stop_container(container_id=runner, timeout=0)
-        assert (await second.container_status(container_id=runner))["status"]["exit_code"] == 137
-        await second.remove_sandbox(sandbox_id=pod)
-        assert conmon_pids(base_dir) == []
-    finally:
-        for rt in (first, second):
-            if rt is not None:
-                await cleanup(rt, base_dir)
+async def test_restart_reattaches_and_picks_up_exits(lives, cgroup_parent, rootfs):
+    first = await lives.start()
+    pod = await new_pod(first, cgroup_parent)
+    runner = await new_container(first, pod, rootfs, container_config("runner", command=["sleep", "600"]))
+    quitter = await new_container(first, pod, rootfs, container_config(
+        "quitter", command=["sh", "-c", "read x < /dev/shm/go 2>/dev/null; sleep 1; exit 5"]))
+    # Simulate a SIGKILL of runtimed: drop it without any cleanup.
+    await lives.stop()
+    await asyncio.sleep(2)  # the quitter exits while no runtimed is running
+    second = await lives.start()
+    st = (await second.container_status(container_id=runner))["status"]
+    assert st["state"] == "CONTAINER_RUNNING"
+    result = await second.exec_sync(container_id=runner, cmd=["echo", "still here"], timeout=10)
+    assert result["stdout"] == b"still here\n"
+    st = (await second.container_status(container_id=quitter))["status"]
+    assert st["state"] == "CONTAINER_EXITED" and st["exit_code"] == 5
+    await second.stop_container(container_id=runner, timeout=0)
+    assert (await second.container_status(container_id=runner))["status"]["exit_code"] == 137
+    await second.remove_sandbox(sandbox_id=pod)
+    assert conmon_pids(lives.base) == []
 
 
-async def test_restart_finishes_or_undoes_in_flight_creates(base_dir, cgroup_parent, rootfs):
-    config = make_config(base_dir)
-    first = Runtimed(config)
-    await first.start()
-    second = None
-    try:
-        pod = await new_pod(first, cgroup_parent)
-        made = await new_container(first, pod, rootfs, container_config("made", command=["sleep", "600"]), start=False)
-        half = (await first.reserve_container(sandbox_id=pod, config=container_config("half", command=["true"])))["id"]
-        await first.stop()
-        records = Path(first.state_dir, "records", "containers")
-        # As if killed after conmon created `made` but before the record said so.
-        rec = json.loads((records / f"{made}.json").read_text())
-        rec["state"] = "creating"
-        (records / f"{made}.json").write_text(json.dumps(rec))
-        # As if killed just after `half` started being created.
-        rec = json.loads((records / f"{half}.json").read_text())
-        rec.update(state="creating", bundle=os.path.join(first.state_dir, "containers", half))
-        (records / f"{half}.json").write_text(json.dumps(rec))
-        first = None
-        second = Runtimed(config)
-        await second.start()
-        assert (await second.container_status(container_id=made))["status"]["state"] == "CONTAINER_CREATED"
-        assert second.containers[half]["state"] == "reserved"
-        await second.start_container(container_id=made)
-        assert (await second.container_status(container_id=made))["status"]["state"] == "CONTAINER_RUNNING"
-        await second.release_container(container_id=half)
-        assert half not in second.containers
-    finally:
-        for rt in (first, second):
-            if rt is not None:
-                await cleanup(rt, base_dir)
+async def test_restart_finishes_or_undoes_in_flight_creates(lives, cgroup_parent, rootfs):
+    first = await lives.start()
+    pod = await new_pod(first, cgroup_parent)
+    made = await new_container(first, pod, rootfs, container_config("made", command=["sleep", "600"]), start=False)
+    half = (await first.reserve_container(sandbox_id=pod, config=container_config("half", command=["true"])))["id"]
+    await lives.stop()
+    records = Path(first.state_dir, "records", "containers")
+    # As if killed after conmon created `made` but before the record said so.
+    rec = json.loads((records / f"{made}.json").read_text())
+    rec["state"] = "creating"
+    (records / f"{made}.json").write_text(json.dumps(rec))
+    # As if killed just after `half` started being created.
+    rec = json.loads((records / f"{half}.json").read_text())
+    rec.update(state="creating", bundle=os.path.join(first.state_dir, "containers", half))
+    (records / f"{half}.json").write_text(json.dumps(rec))
+    second = await lives.start()
+    assert (await second.container_status(container_id=made))["status"]["state"] == "CONTAINER_CREATED"
+    assert second.containers[half]["state"] == "reserved"
+    await second.start_container(container_id=made)
+    assert (await second.container_status(container_id=made))["status"]["state"] == "CONTAINER_RUNNING"
+    await second.release_container(container_id=half)
+    assert half not in second.containers
 
 
-async def test_restart_deletes_runc_containers_no_record_knows(base_dir, cgroup_parent, rootfs):
-    config = make_config(base_dir)
-    first = Runtimed(config)
-    await first.start()
-    second = None
-    try:
-        pod = await new_pod(first, cgroup_parent)
-        cid = await new_container(first, pod, rootfs, container_config("lost", command=["sleep", "600"]))
-        await first.stop()
-        os.unlink(os.path.join(first.state_dir, "records", "containers", f"{cid}.json"))
-        first = None
-        second = Runtimed(config)
-        await second.start()
-        assert not os.path.exists(os.path.join(second.state_dir, "runc", cid))
-    finally:
-        for rt in (first, second):
-            if rt is not None:
-                await cleanup(rt, base_dir)
+async def test_restart_deletes_runc_containers_no_record_knows(lives, cgroup_parent, rootfs):
+    first = await lives.start()
+    pod = await new_pod(first, cgroup_parent)
+    cid = await new_container(first, pod, rootfs, container_config("lost", command=["sleep", "600"]))
+    await lives.stop()
+    os.unlink(os.path.join(first.state_dir, "records", "containers", f"{cid}.json"))
+    second = await lives.start()
+    assert not os.path.exists(os.path.join(second.state_dir, "runc", cid))
 
 
-async def test_a_reserved_container_left_in_runc_is_deleted_and_can_be_created_again(base_dir, cgroup_parent, rootfs):
-    config = make_config(base_dir)
-    first = Runtimed(config)
-    await first.start()
-    second = None
-    try:
-        pod = await new_pod(first, cgroup_parent)
-        cid = await new_container(first, pod, rootfs, container_config("again", command=["sleep", "600"]), start=False)
-        await first.stop()
-        # As if the create was cancelled while conmon went on: the record says
-        # reserved, but runc has the container.
-        records = Path(first.state_dir, "records", "containers")
-        rec = json.loads((records / f"{cid}.json").read_text())
-        rec["state"] = "reserved"
-        (records / f"{cid}.json").write_text(json.dumps(rec))
-        first = None
-        second = Runtimed(config)
-        await second.start()
-        assert not os.path.exists(os.path.join(second.state_dir, "runc", cid))
-        await second.create_container(container_id=cid, rootfs=rootfs)
-        await second.start_container(container_id=cid)
-        assert (await second.container_status(container_id=cid))["status"]["state"] == "CONTAINER_RUNNING"
-    finally:
-        for rt in (first, second):
-            if rt is not None:
-                await cleanup(rt, base_dir)
+async def test_a_reserved_container_left_in_runc_is_deleted_and_can_be_created_again(lives, cgroup_parent, rootfs):
+    first = await lives.start()
+    pod = await new_pod(first, cgroup_parent)
+    cid = await new_container(first, pod, rootfs, container_config("again", command=["sleep", "600"]), start=False)
+    await lives.stop()
+    # As if the create was cancelled while conmon went on: the record says
+    # reserved, but runc has the container.
+    records = Path(first.state_dir, "records", "containers")
+    rec = json.loads((records / f"{cid}.json").read_text())
+    rec["state"] = "reserved"
+    (records / f"{cid}.json").write_text(json.dumps(rec))
+    second = await lives.start()
+    assert not os.path.exists(os.path.join(second.state_dir, "runc", cid))
+    await second.create_container(container_id=cid, rootfs=rootfs)
+    await second.start_container(container_id=cid)
+    assert (await second.container_status(container_id=cid))["status"]["state"] == "CONTAINER_RUNNING"
