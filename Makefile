@@ -12,7 +12,7 @@ CNI_CONF_DIR ?= /etc/cni/net.d
 # test images, a registry, the tools netd and runtimed call, and the pause-like
 # init of pods that share a PID namespace; skopeo is the pull benchmark's yardstick; criu checkpoints containers.
 DEBIAN_PACKAGES := runc conmon containernetworking-plugins busybox-static docker-registry \
-	iproute2 iptables catatonit libcap2-bin kmod python3-venv skopeo criu
+	iproute2 iptables mount catatonit libcap2-bin kmod python3-venv skopeo criu
 
 .PHONY: all setup debian-packages venv cni-config run test bench clean
 

@@ -1,10 +1,12 @@
 """Overlay mounts of container root filesystems.
 
-Mounting runs the `mount_syscall.py` child program in the layer store's
-directory, so that the lower directories can be given as short relative paths
-(`l/<short name>`) and an image with hundreds of layers still fits the
-kernel's one-page limit on mount options. Unmounting needs no working
-directory and is a plain umount2(2) in a thread.
+Mounting runs util-linux's `mount` in the layer store's directory, so that
+the lower directories can be given as short relative paths (`l/<short name>`)
+and an image with hundreds of layers still fits the kernel's one-page limit on
+mount options (changing directory is process-wide: never in the daemon
+itself). A small C program starts in a few milliseconds, where a Python child
+took about 25. Unmounting needs no working directory and is a plain
+umount2(2) in a thread.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import ctypes.util
 import errno
 import os
 import resource
-import sys
-from pathlib import Path
 
 import structlog
 
@@ -24,7 +24,7 @@ from shared.errors import DeadlineExceeded, Internal, ResourceExhausted
 
 log = structlog.get_logger(__name__)
 
-_HELPER = Path(__file__).with_name("mount_syscall.py")
+MOUNT = "/usr/bin/mount"
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -44,7 +44,7 @@ async def mount(cwd: str, target: str, data: str, *, timeout: float = 30.0) -> N
             f"overlay mount options for {target} are {len(data.encode())} bytes, more than the "
             f"kernel's limit of {MAX_OPTIONS_BYTES}: the image has too many layers")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-S", str(_HELPER), "overlay", target, data,
+        MOUNT, "--no-mtab", "--internal-only", "-t", "overlay", "-o", data, "overlay", target,
         cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:

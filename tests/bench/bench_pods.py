@@ -63,7 +63,11 @@ class CrioPods:
         name = f"bench-{secrets.token_hex(4)}"
         pod = api_pb2.PodSandboxConfig(
             metadata=api_pb2.PodSandboxMetadata(name=name, namespace="bench", uid=secrets.token_hex(8)),
-            hostname=name, linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=f"{self.cgroup_parent}/{name}"))
+            hostname=name, linux=api_pb2.LinuxPodSandboxConfig(
+                cgroup_parent=f"{self.cgroup_parent}/{name}",
+                # As the kubelet sends it for a pod that does not share its process namespace.
+                security_context=api_pb2.LinuxSandboxSecurityContext(
+                    namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NamespaceMode.CONTAINER))))
         rt = self.stack.runtime
         pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=60).pod_sandbox_id
         container = api_pb2.ContainerConfig(
