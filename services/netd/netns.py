@@ -1,8 +1,12 @@
 """Pod network namespaces pinned by bind mounts under one directory.
 
-Creation runs `netns_pin.py` as a child process (unshare + bind mount +
-loopback up), so the daemon never changes its own namespaces. Removal is an
-unmount and an unlink, both idempotent.
+Creation does what `ip netns add` does, for any directory: the directory
+becomes a shared mount point (so unmounting a pin propagates to mount
+namespaces copied from this one), then util-linux's `unshare --net=PIN` makes
+the namespace, bind-mounts it on the pin file and runs `ip link set lo up`
+inside it. The namespace is entered only by that child, never by the daemon;
+both are small C programs, a few milliseconds where a Python child took tens.
+Removal is an unmount and an unlink, both idempotent.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import errno
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import structlog
@@ -24,12 +27,44 @@ from shared.errors import DeadlineExceeded, Internal, InvalidArgument
 log = structlog.get_logger(__name__)
 
 PIN_PREFIX = "criopy-"
-_PIN_PROGRAM = Path(__file__).with_name("netns_pin.py")
+UNSHARE = "/usr/bin/unshare"
+IP = "/usr/sbin/ip"
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_SHARED = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    if _libc.mount(source.encode(), target.encode(), b"none", flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _make_shared_dir(directory: str) -> None:
+    """Make `directory` a shared mount point, bind-mounting it on itself if needed."""
+    try:
+        _mount("", directory, _MS_SHARED | _MS_REC)
+        return
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: not a mount point yet
+            raise
+    _mount(directory, directory, _MS_BIND | _MS_REC)
+    _mount("", directory, _MS_SHARED | _MS_REC)
+
+
+def _prepare(path: Path) -> None:
+    """The pin's directory as a shared mount point, and the empty pin file to mount on."""
+    os.makedirs(path.parent, mode=0o755, exist_ok=True)
+    _make_shared_dir(str(path.parent))
+    if not is_pinned(path):
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o444)
+        os.close(fd)
 
 
 def pin_path(netns_dir: str | Path, pod_id: str) -> Path:
@@ -51,8 +86,14 @@ def is_pinned(path: str | Path) -> bool:
 
 async def create(path: Path, timeout: float, owner: str = "") -> Path:
     """Create and pin a network namespace at `path` with loopback up; idempotent."""
+    try:
+        await asyncio.to_thread(_prepare, path)
+    except OSError as e:
+        raise Internal(f"creating network namespace {path}: {e.strerror or e}") from None
+    if is_pinned(path):
+        return path  # made by an earlier attempt
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-S", str(_PIN_PROGRAM), str(path),
+        UNSHARE, f"--net={path}", IP, "link", "set", "lo", "up",
         env={OWNER_ENV: owner} if owner else {},
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
@@ -65,6 +106,7 @@ async def create(path: Path, timeout: float, owner: str = "") -> Path:
         raise DeadlineExceeded(f"creating network namespace {path} took more than {timeout:g}s") from None
     if proc.returncode != 0:
         reason = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        await remove(path)
         raise Internal(f"creating network namespace {path}: {reason}")
     if not is_pinned(path):
         raise Internal(f"creating network namespace {path}: no namespace is mounted there afterwards")
