@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -84,7 +85,8 @@ def _cleanup(stack: Stack, dirs: Dirs, parent: str) -> None:
 
 def main() -> None:
     parent = f"/criopy-bench-{secrets.token_hex(3)}"
-    registry = launch_registry(Path(tempfile.mkdtemp(prefix="bench-reg-")))
+    registry_dir = Path(tempfile.mkdtemp(prefix="bench-reg-"))
+    registry = launch_registry(registry_dir)
     dirs = Dirs(short_tempdir("cpb-")).make()
     (dirs.cni / "10-bench.conflist").write_text(json.dumps(
         {"cniVersion": "1.0.0", "name": "bench", "plugins": [{"type": "loopback"}]}))
@@ -116,6 +118,7 @@ def main() -> None:
             _cleanup(stack, dirs, parent)
         finally:
             registry.stop()
+            shutil.rmtree(registry_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
