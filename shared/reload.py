@@ -52,6 +52,14 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """Options whose value differs, by dotted path (runtime handlers compare as one option)."""
     a, b = _flatten(old), _flatten(new)
@@ -76,8 +84,9 @@ class ReloadResult:
     needs_restart: dict[str, tuple[Any, Any]]
 
     def describe(self) -> dict[str, Any]:
+        """The report, as plain maps and lists (it travels over the bus)."""
         return {
-            "applied": {k: {"old": o, "new": n} for k, (o, n) in self.applied.items()},
+            "applied": {k: {"old": _plain(o), "new": _plain(n)} for k, (o, n) in self.applied.items()},
             "needs_restart": sorted(self.needs_restart),
         }
 
@@ -90,11 +99,6 @@ def reload_into(config: Config, sources: ConfigSources) -> ReloadResult:
     new = load(sources)
     changes = diff(config, new)
     applied = {p: c for p, c in changes.items() if is_reloadable(p)}
-    # Runtime handlers are a table of tables: replace the table as a whole.
-    handler_paths = [p for p in applied if p.startswith("crio.runtime.runtimes")]
-    if handler_paths:
-        config.crio.runtime.runtimes = new.crio.runtime.runtimes
     for path, (_old, value) in applied.items():
-        if not path.startswith("crio.runtime.runtimes"):
-            _assign(config, path, value)
+        _assign(config, path, value)
     return ReloadResult(applied, {p: c for p, c in changes.items() if p not in applied})
