@@ -7,17 +7,19 @@ from typing import Any
 
 import zmq.asyncio
 
+from services.frontend.event_hub import EventHub
 from shared.bus.client import BusClient
 from shared.config import Config
 from shared.services import DAEMONS, service_class
 
 
 class Daemons:
-    """`daemons.call("runtimed", "create_container", deadline=..., **params)`."""
+    """`daemons.call("runtimed", "create_container", deadline=..., **params)`; `daemons.events` for their events."""
 
     def __init__(self, config: Config, context: zmq.asyncio.Context) -> None:
         self.config = config
-        self.events: Any = None  # the EventHub, set by the frontend
+        # Their events (runtimed's, for GetContainerEvents), fanned out to CRI clients.
+        self.events = EventHub(config, context)
         self.clients: dict[str, BusClient] = {
             name: BusClient(name, config.bus_endpoint(name), service_class(name).bus_methods(), context=context)
             for name in DAEMONS
@@ -26,8 +28,10 @@ class Daemons:
     def connect(self) -> None:
         for client in self.clients.values():
             client.connect()
+        self.events.start()
 
     async def close(self) -> None:
+        await self.events.close()
         for client in self.clients.values():
             await client.close()
 

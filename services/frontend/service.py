@@ -6,7 +6,6 @@ import grpc
 import zmq.asyncio
 
 from services.frontend.daemons import Daemons
-from services.frontend.event_hub import EventHub
 from services.frontend.grpc_server import start_server
 from services.frontend.metrics_endpoint import MetricsEndpoint
 from services.frontend.span_relay import SpanRelay
@@ -14,6 +13,7 @@ from services.frontend.streaming import stop_streaming_server, streaming_server
 from shared.bus.client import BusClient
 from shared.bus.service import Service
 from shared.reload import ReloadResult
+from shared.supervisor import SupervisorApi
 
 
 class Frontend(Service):
@@ -25,23 +25,17 @@ class Frontend(Service):
     _metrics: MetricsEndpoint | None = None
     _supervisor: BusClient | None = None
     daemons: Daemons | None = None
-    events: EventHub | None = None
     span_relay: SpanRelay | None = None
 
     async def start(self) -> None:
         self._context = zmq.asyncio.Context.instance()
         self.daemons = Daemons(self.config, self._context)
         self.daemons.connect()
-        self.events = EventHub(self.config, self._context)
-        self.events.start()
         self.span_relay = SpanRelay(self.config, self._context)
         self.span_relay.start()
-        self.daemons.events = self.events
         # Listening from the start, as CRI-O's, so the first exec gets no extra delay.
         await streaming_server(self.config, self.daemons)
         self._grpc = await start_server(self.daemons, self.config)
-        from shared.supervisor import SupervisorApi
-
         self._supervisor = BusClient("supervisor", self.config.bus_endpoint("supervisor"),
                                      SupervisorApi.bus_methods(), context=self._context)
         self._supervisor.connect()
@@ -67,8 +61,6 @@ class Frontend(Service):
         if self._grpc is not None:
             await self._grpc.stop(grace=2)
         await stop_streaming_server()
-        if self.events is not None:
-            await self.events.close()
         if self.span_relay is not None:
             await self.span_relay.close()
         if self.daemons is not None:
