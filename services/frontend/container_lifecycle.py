@@ -1,4 +1,8 @@
-"""StartContainer, StopContainer and RemoveContainer (whose rootfs storaged then releases)."""
+"""StartContainer, StopContainer and RemoveContainer (whose rootfs storaged then releases).
+
+Stop and Remove of a container that does not exist succeed, as the CRI asks: the
+kubelet retries them after a restart and must not see NotFound.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ async def stop_container(request: api_pb2.StopContainerRequest, call: CallContex
 async def remove_container(request: api_pb2.RemoveContainerRequest,
                            call: CallContext) -> api_pb2.RemoveContainerResponse:
     container_id = _id(request.container_id)
-    await call.daemon("runtimed", "remove_container", container_id=container_id)
-    await call.daemon("storaged", "remove_rootfs", container_id=container_id)
+    removed = await call.daemon("runtimed", "remove_container", container_id=container_id)
+    # The full id when runtimed knew the container by a prefix; a rootfs whose record is
+    # gone (a create cut off before runtimed kept it) is still released by the given id.
+    await call.daemon("storaged", "remove_rootfs", container_id=removed.get("id") or container_id)
     return api_pb2.RemoveContainerResponse()

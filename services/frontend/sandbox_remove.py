@@ -17,7 +17,9 @@ async def remove_pod_sandbox(request: api_pb2.RemovePodSandboxRequest,
     pod_id = request.pod_sandbox_id
     if not pod_id:
         raise InvalidArgument("pod_sandbox_id is required")
-    await call.daemon("runtimed", "stop_sandbox", sandbox_id=pod_id)
+    stopped = await call.daemon("runtimed", "stop_sandbox", sandbox_id=pod_id)
+    # The full id when the pod was named by a unique prefix.
+    pod_id = stopped.get("id") or pod_id
     await call.daemon("netd", "detach", pod_id=pod_id)
     containers = await call.daemon("runtimed", "list_containers", filter={"pod_sandbox_id": pod_id})
     for container in containers:

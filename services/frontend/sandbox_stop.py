@@ -15,6 +15,6 @@ from shared.errors import InvalidArgument
 async def stop_pod_sandbox(request: api_pb2.StopPodSandboxRequest, call: CallContext) -> api_pb2.StopPodSandboxResponse:
     if not request.pod_sandbox_id:
         raise InvalidArgument("pod_sandbox_id is required")
-    await call.daemon("runtimed", "stop_sandbox", sandbox_id=request.pod_sandbox_id)
-    await call.daemon("netd", "detach", pod_id=request.pod_sandbox_id)
+    stopped = await call.daemon("runtimed", "stop_sandbox", sandbox_id=request.pod_sandbox_id)
+    await call.daemon("netd", "detach", pod_id=stopped.get("id") or request.pod_sandbox_id)
     return api_pb2.StopPodSandboxResponse()

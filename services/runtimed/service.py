@@ -277,6 +277,20 @@ class Runtimed(Service):
             raise NotFound(f"container {container_id} not found")
         return rec
 
+    def _known_sandbox(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The pod with this id or unique id prefix, in any state; None when there is none."""
+        try:
+            return self._sandbox(sandbox_id)
+        except NotFound:
+            return None
+
+    def _known_container(self, container_id: str) -> dict[str, Any] | None:
+        """The container with this id or unique id prefix, in any state; None when there is none."""
+        try:
+            return self._container(container_id)
+        except NotFound:
+            return None
+
     def _handler(self, name: str) -> RuntimeHandler:
         handler = self.rc.runtimes.get(name or self.rc.default_runtime)
         if handler is None:
@@ -602,31 +616,33 @@ class Runtimed(Service):
 
     @method(idempotent=True)
     async def stop_sandbox(self, sandbox_id: str) -> dict:
-        """Stop every container of the pod and its infra process; the pod stays listed."""
-        rec = self.sandboxes.get(sandbox_id)
+        """Stop every container of the pod and its infra process; the pod stays listed.
+        A pod that is unknown (already removed) is success, as the CRI requires: {"id"} is
+        the full id stopped, "" when there was none."""
+        rec = self._known_sandbox(sandbox_id)
         if rec is None:
-            return {}
+            return {"id": ""}
         for c in [c for c in self.containers.values() if c["sandbox_id"] == rec["id"]]:
             if c["state"] in ("created", "running"):
                 await self._stop_container(c, 0)
         async with self._lock(rec["id"]):
             if rec["state"] not in _SANDBOX_STATES:
-                return {}
+                return {"id": rec["id"]}
             await self._teardown_sandbox(rec, remove=False)
             changed = rec["state"] != "notready"
             rec["state"] = "notready"
             await self._save_sandbox(rec)
         if changed:
             self.events.emit("sandbox", "stopped", rec["id"], rec["id"])
-        return {}
+        return {"id": rec["id"]}
 
     @method(idempotent=True)
     async def remove_sandbox(self, sandbox_id: str) -> dict:
         """Remove the pod and all its containers (reserved ones too, whose ids it returns
         so their rootfs can be released); a pod already gone is success."""
-        rec = self.sandboxes.get(sandbox_id)
+        rec = self._known_sandbox(sandbox_id)
         if rec is None:
-            return {"removed_containers": []}
+            return {"id": "", "removed_containers": []}
         removed = []
         for c in [c for c in self.containers.values() if c["sandbox_id"] == rec["id"]]:
             await self._remove_container(c)
@@ -637,7 +653,7 @@ class Runtimed(Service):
                 await self._save_sandbox(rec)
                 await self._remove_sandbox_locked(rec)
         await self._notify()
-        return {"removed_containers": removed}
+        return {"id": rec["id"], "removed_containers": removed}
 
     async def _remove_sandbox_locked(self, rec: dict[str, Any]) -> None:
         await self._teardown_sandbox(rec, remove=True)
@@ -967,12 +983,13 @@ class Runtimed(Service):
 
     @method(idempotent=True)
     async def stop_container(self, container_id: str, timeout: int = 0) -> dict:
-        """Send the stop signal, then SIGKILL after `timeout` seconds; a stopped container is fine."""
-        rec = self.containers.get(container_id)
+        """Send the stop signal, then SIGKILL after `timeout` seconds. A stopped container is
+        fine, and so is an unknown one: the kubelet retries stops after a restart."""
+        rec = self._known_container(container_id)
         if rec is None:
-            rec = self._container(container_id, visible=True)
+            return {"id": ""}
         await self._stop_container(rec, int(timeout or 0))
-        return {}
+        return {"id": rec["id"]}
 
     async def _stop_container(self, rec: dict[str, Any], timeout: int) -> None:
         async with self._lock(rec["id"]):
@@ -1001,13 +1018,14 @@ class Runtimed(Service):
 
     @method(idempotent=True)
     async def remove_container(self, container_id: str) -> dict:
-        """Stop (if needed) and remove the container; one already gone is success."""
-        rec = self.containers.get(container_id)
+        """Stop (if needed) and remove the container; one already gone is success.
+        {"id"}: the full id removed, "" when there was none."""
+        rec = self._known_container(container_id)
         if rec is None:
-            return {}
+            return {"id": ""}
         await self._remove_container(rec)
         await self._notify()
-        return {}
+        return {"id": rec["id"]}
 
     async def _remove_container(self, rec: dict[str, Any]) -> None:
         if rec["state"] in ("created", "running"):

@@ -305,3 +305,33 @@ def test_an_image_in_use_by_a_container_cannot_be_removed(pod_stack: Stack, busy
     stack.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=30)
     gone = stack.images.ImageStatus(api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=10)
     assert not gone.HasField("image")
+
+
+def test_stop_and_remove_succeed_for_unknown_ids_and_accept_short_ids(pod_stack: Stack, busybox: str):
+    stack = pod_stack
+    unknown = secrets.token_hex(32)
+    # The kubelet retries stops and removals after a restart: an id that is gone is success.
+    stack.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=unknown, timeout=1), timeout=30)
+    stack.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=unknown), timeout=30)
+    stack.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=unknown), timeout=30)
+    stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=unknown), timeout=30)
+    # Status of an unknown id is still NotFound.
+    with pytest.raises(grpc.RpcError) as err:
+        stack.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=unknown), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # A unique id prefix names the object, as crictl's short ids do, for every step of the removal.
+    stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=60)
+    pod = pod_config("short")
+    pod_id = run_pod(stack, pod)
+    cid = create(stack, pod_id, pod, container_config("c", busybox, ["sleep", "600"]))
+    stack.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
+    stack.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=cid[:12], timeout=0), timeout=30)
+    assert wait_state(stack, cid, api_pb2.ContainerState.CONTAINER_EXITED).state == api_pb2.ContainerState.CONTAINER_EXITED
+    stack.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid[:12]), timeout=30)
+    assert stack.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers == []
+    assert not (stack.dirs.root / "storaged" / "rootfs" / cid).exists()
+    stack.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id[:12]), timeout=30)
+    stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id[:12]), timeout=30)
+    assert stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
+    assert not list((stack.dirs.netns).iterdir())
+    assert leftover_mounts(stack) == []
