@@ -1,7 +1,8 @@
 """Exec, Attach and PortForward through the real CRI socket and the real streaming server.
 
 The clients are the tests' own: a SPDY/3.1 client written from the draft and
-the kubelet's protocol docs (tests/frontend/streaming/spdy_client.py), and the
+the kubelet's protocol docs (tests/frontend/streaming/spdy_client.py), run
+over the upgraded connection or tunnelled in a WebSocket (tunnel.py), and the
 `websockets` client library for the channel protocols.
 """
 
@@ -22,7 +23,7 @@ from cri_api.v1 import api_pb2
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.frontend.streaming.spdy_client import SpdyClient, UpgradeRefused
-from tests.frontend.streaming.tunnel import socket_bridge
+from tests.frontend.streaming.tunnel import WebSocketTunnel
 from tests.support.pods import bridge_stack, busybox_registry
 from tests.support.stack import Stack
 
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
 CGROUP_PARENT = f"/criopy-stream-{secrets.token_hex(3)}"
 HTTP_PORT = 8080
+ECHO_PORT = 9090
 
 
 @dataclass
@@ -39,6 +41,7 @@ class World:
     worker: str  # sleeps; exec target
     echoer: str  # reads stdin, echoes; attach target
     web: str  # busybox httpd on 127.0.0.1:8080
+    echo: str  # busybox nc echoing every connection on port 9090
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         echoer = container("echoer", ["sh", "-c", "while read line; do echo echo:$line; done"], stdin=True)
         web = container("web", ["sh", "-c", "mkdir -p /www && echo hello over port-forward > /www/index.html && "
                                             f"exec busybox httpd -f -p 127.0.0.1:{HTTP_PORT} -h /www"])
-        yield World(stack, pod, worker, echoer, web)
+        echo = container("echo", ["busybox", "nc", "-ll", "-p", str(ECHO_PORT), "-e", "cat"])
+        yield World(stack, pod, worker, echoer, web, echo)
 
 
 def exec_url(world: World, cmd: list[str], *, container: str | None = None, stdin=False, stdout=True,
@@ -395,19 +399,36 @@ async def test_websocket_attach_echoes_stdin(world: World) -> None:
     assert json.loads(rest[3])["status"] == "Success"
 
 
-async def test_websocket_tunnelled_spdy_port_forward_http(world: World) -> None:
-    async with ws_connect(ws(pf_url(world)), subprotocols=["v2.portforward.k8s.io"]) as conn:
-        assert conn.subprotocol == "v2.portforward.k8s.io"
-        (reader, writer), pump = await socket_bridge(conn)
-        client = SpdyClient(reader, writer, "portforward.k8s.io", False)
-        try:
-            reply, error = b"", b""
-            for attempt in range(100):
-                reply, error = await _spdy_http(client, attempt)
-                if reply:
-                    break
-                await asyncio.sleep(0.1)
-        finally:
-            await client.close()
-            pump.cancel()
-    assert error == b"" and reply.endswith(b"hello over port-forward\n")
+@pytest.mark.parametrize("subprotocol", ["SPDY/3.1+portforward.k8s.io", "v2.portforward.k8s.io"])
+async def test_spdy_tunnelled_in_a_websocket_forwards_to_the_pod(world: World, subprotocol: str) -> None:
+    # split: SPDY frames cut across WebSocket messages, as client-go's tunnel writes them
+    tunnel = await WebSocketTunnel.connect(pf_url(world), [subprotocol], split=1000)
+    assert tunnel.subprotocol == subprotocol
+    client = SpdyClient(tunnel, "portforward.k8s.io")
+    try:
+        reply, error = b"", b""
+        for attempt in range(100):  # httpd may still be starting
+            reply, error = await _spdy_http(client, attempt)
+            if reply:
+                break
+            await asyncio.sleep(0.1)
+        assert error == b"" and reply.endswith(b"hello over port-forward\n")
+
+        async def echo(request_id: int, payload: bytes) -> tuple[bytes, bytes]:
+            headers = {"port": str(ECHO_PORT), "requestID": str(request_id)}
+            error = await client.open_stream({"streamType": "error", **headers})
+            await error.close()
+            data = await client.open_stream({"streamType": "data", **headers})
+            await data.write(payload)
+            await data.close()
+            return await data.read_all(), await error.read_all()
+
+        payloads = [secrets.token_bytes(300_000) for _ in range(3)]
+        for _ in range(100):  # nc may still be starting
+            if (await echo(1000, b"ping"))[0] == b"ping":
+                break
+            await asyncio.sleep(0.1)
+        results = await asyncio.gather(*(echo(1001 + i, p) for i, p in enumerate(payloads)))
+    finally:
+        await client.close()
+    assert results == [(p, b"") for p in payloads]

@@ -1,10 +1,14 @@
 """Port forwarding over either upgrade protocol.
 
-SPDY (`portforward.k8s.io`, also tunnelled in a WebSocket as
-`v2.portforward.k8s.io`): for every connection the client opens two streams
-with the same `requestID` header, `streamType` error and data, and a `port`
-header. Bytes on the data stream go to that port in the pod; a failure is
-written as text on the error stream.
+SPDY (`portforward.k8s.io`): for every connection the client opens two
+streams with the same `requestID` header, `streamType` error and data, and a
+`port` header. Bytes on the data stream go to that port in the pod; a failure
+is written as text on the error stream.
+
+SPDY tunnelled in a WebSocket (KEP-4006, client-go's tunneling dialer):
+subprotocol `SPDY/3.1+portforward.k8s.io` (or `v2.portforward.k8s.io`, the
+name of its first version), answered with the same name; the binary messages
+then carry the SPDY session's bytes, with no HTTP upgrade inside.
 
 WebSocket channels (`v4.channel.k8s.io` and the older names): the ports come
 from the URL (`?port=80&port=8080`); port i has data channel 2i and error
@@ -29,7 +33,7 @@ from shared.errors import CriopyError
 log = structlog.get_logger(__name__)
 
 SPDY_PROTOCOLS = ["portforward.k8s.io"]
-TUNNEL_PROTOCOLS = ["v2.portforward.k8s.io", "SPDY/3.1+portforward.k8s.io"]
+TUNNEL_PROTOCOLS = ["SPDY/3.1+portforward.k8s.io", "v2.portforward.k8s.io"]
 WEBSOCKET_PROTOCOLS = ["v4.channel.k8s.io", "v4.base64.channel.k8s.io", "channel.k8s.io",
                        "base64.channel.k8s.io", ""]
 PAIR_TIMEOUT = 30.0

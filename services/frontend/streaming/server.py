@@ -4,7 +4,8 @@ A CRI Exec/Attach/PortForward call stores its validated request under a
 single-use token and returns this server's URL for it; the client then opens
 the URL and upgrades the connection, to SPDY/3.1 (`Upgrade: SPDY/3.1`, the
 protocol named by `X-Stream-Protocol-Version`) or to a WebSocket (the protocol
-named by `Sec-WebSocket-Protocol`). An unknown, used or expired token gets
+named by `Sec-WebSocket-Protocol`; for port-forward, that WebSocket may in
+turn carry a SPDY session). An unknown, used or expired token gets
 404 Not Found, as the kubelet's streaming server answers.
 """
 
@@ -21,7 +22,7 @@ from services.frontend.streaming.backend import Backend
 from services.frontend.streaming.http_head import BadRequest, RequestHead, read_head, response
 from services.frontend.streaming.idle import (Activity, WatchedReader, WatchedWriter, close_when_idle,
                                               parse_duration)
-from services.frontend.streaming.spdy_session import SpdyConnection, StreamTransport
+from services.frontend.streaming.spdy_session import ByteTransport, SpdyConnection, StreamTransport
 from services.frontend.streaming.tokens import TokenStore
 from services.frontend.streaming.websocket import TunnelTransport, WebSocket
 from shared.config import Config
@@ -182,14 +183,18 @@ class StreamingServer:
         writer.write(response(101, "Switching Protocols", headers=[
             ("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", chosen)]))
         await writer.drain()
-        conn = SpdyConnection(StreamTransport(reader, writer))
+        await self._run_spdy(StreamTransport(reader, writer), chosen, request)
+
+    async def _run_spdy(self, transport: ByteTransport, protocol: str, request: dict[str, Any]) -> None:
+        """One SPDY session, over the upgraded connection itself or tunnelled in a WebSocket."""
+        conn = SpdyConnection(transport)
         conn.start()
         try:
-            await self._run_spdy(conn, chosen, request)
+            await self._serve_spdy(conn, protocol, request)
         finally:
             await conn.close()
 
-    async def _run_spdy(self, conn: SpdyConnection, protocol: str, request: dict[str, Any]) -> None:
+    async def _serve_spdy(self, conn: SpdyConnection, protocol: str, request: dict[str, Any]) -> None:
         if request["kind"] == "portforward":
             await portforward.SpdyPortForward(conn, self.backend, request["pod_id"],
                                               bool(request.get("host_network"))).serve()
@@ -204,19 +209,13 @@ class StreamingServer:
             supported = portforward.TUNNEL_PROTOCOLS + portforward.WEBSOCKET_PROTOCOLS
         else:
             supported = remotecommand.WEBSOCKET_PROTOCOLS
-        ws, _ = await WebSocket.handshake(reader, writer, head.raw, supported)
+        ws = await WebSocket.handshake(reader, writer, head, supported)
         if ws is None:
             return
         try:
             if request["kind"] == "portforward":
                 if ws.subprotocol in portforward.TUNNEL_PROTOCOLS:
-                    conn = SpdyConnection(TunnelTransport(ws))
-                    conn.start()
-                    try:
-                        await portforward.SpdyPortForward(conn, self.backend, request["pod_id"],
-                                                          bool(request.get("host_network"))).serve()
-                    finally:
-                        await conn.close()
+                    await self._run_spdy(TunnelTransport(ws), portforward.SPDY_PROTOCOLS[0], request)
                     return
                 ports = _query_ports(head) or list(request.get("ports") or [])
                 if not ports or len(ports) > portforward.MAX_PORTS:

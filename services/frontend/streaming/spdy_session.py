@@ -38,7 +38,7 @@ class ByteTransport(Protocol):
 
     async def drain(self) -> None: ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class StreamTransport:
@@ -59,7 +59,7 @@ class StreamTransport:
     async def drain(self) -> None:
         await self.writer.drain()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.writer.close()
 
 
@@ -321,7 +321,7 @@ class SpdyConnection:
                 await asyncio.wait_for(self.transport.drain(), 5)
             except (asyncio.TimeoutError, ConnectionError, OSError):
                 pass
-        self.transport.close()
+        await self.transport.close()
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)

@@ -4,7 +4,8 @@ It shares no code with the server: its own framing, its own copy of the
 header dictionary (built from the draft's list), its own zlib contexts.
 It behaves like Go's spdystream (no flow control of its own) unless
 `flow_control=True`, where it sends a SETTINGS initial window and honours the
-server's WINDOW_UPDATEs.
+server's WINDOW_UPDATEs. It runs over any byte transport: the upgraded
+connection itself (`SocketTransport`), or a WebSocket tunnel (tunnel.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import ssl
 import struct
 import zlib
+from typing import Protocol
 from urllib.parse import urlsplit
 
 _NAMES = ("options head post put delete trace accept accept-charset accept-encoding accept-language "
@@ -39,6 +41,52 @@ class UpgradeRefused(Exception):
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
         self.body = body
+
+
+class ByteTransport(Protocol):
+    async def read(self) -> bytes: ...  # b"" at end of stream
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SocketTransport:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def read(self) -> bytes:
+        return await self.reader.read(65536)
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        self.writer.close()
+
+
+async def read_upgrade_response(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict[str, str]:
+    """The headers of a 101 answer; any other answer raises UpgradeRefused and closes the connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    status = int(status_line.split(" ")[1])
+    headers = {}
+    for line in header_lines:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    if status != 101:
+        length = int(headers.get("content-length", "0"))
+        body = (await reader.readexactly(length)).decode() if length else (await reader.read()).decode()
+        writer.close()
+        raise UpgradeRefused(status, body)
+    return headers
 
 
 class ClientStream:
@@ -68,7 +116,7 @@ class ClientStream:
             view = view[n:]
             last = fin and not view
             self.client.send(struct.pack(">II", self.id, (1 if last else 0) << 24 | len(chunk)) + chunk)
-            await self.client.writer.drain()
+            await self.client.transport.drain()
             if last or (not view and not fin):
                 break
 
@@ -88,10 +136,9 @@ class ClientStream:
 
 
 class SpdyClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: str,
-                 flow_control: bool) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, transport: ByteTransport, protocol: str, flow_control: bool = False) -> None:
+        self.transport = transport
+        self._buffer = bytearray()
         self.protocol = protocol
         self.flow_control = flow_control
         self.deflate = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, SPDY3_DICTIONARY)
@@ -114,26 +161,14 @@ class SpdyClient:
         lines += [f"X-Stream-Protocol-Version: {p}" for p in protocols]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *header_lines = head.decode().split("\r\n")
-        status = int(status_line.split(" ")[1])
-        headers = {}
-        for line in header_lines:
-            if ":" in line:
-                k, v = line.split(":", 1)
-                headers[k.strip().lower()] = v.strip()
-        if status != 101:
-            length = int(headers.get("content-length", "0"))
-            body = (await reader.readexactly(length)).decode() if length else ""
-            writer.close()
-            raise UpgradeRefused(status, body)
-        client = cls(reader, writer, headers.get("x-stream-protocol-version", ""), flow_control)
+        headers = await read_upgrade_response(reader, writer)
+        client = cls(SocketTransport(reader, writer), headers.get("x-stream-protocol-version", ""), flow_control)
         if flow_control:
             client.send(client._control(4, 0, struct.pack(">I", 1) + struct.pack(">II", 7, 65536)))
         return client
 
     def send(self, data: bytes) -> None:
-        self.writer.write(data)
+        self.transport.write(data)
 
     @staticmethod
     def _control(type_: int, flags: int, body: bytes) -> bytes:
@@ -152,14 +187,14 @@ class SpdyClient:
         self.streams[sid] = stream
         body = struct.pack(">IIBB", sid, 0, 0, 0) + self._header_block(headers)
         self.send(self._control(1, 0, body))
-        await self.writer.drain()
+        await self.transport.drain()
         if wait_reply:
             await asyncio.wait_for(stream.replied.wait(), 30)
         return stream
 
     async def ping(self, ping_id: int = 1) -> None:
         self.send(self._control(6, 0, struct.pack(">I", ping_id)))
-        await self.writer.drain()
+        await self.transport.drain()
 
     def _parse_headers(self, block: bytes) -> dict[str, str]:
         raw = self.inflate.decompress(block)
@@ -174,14 +209,24 @@ class SpdyClient:
             pos += 4 + lv
         return out
 
+    async def _read_exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            data = await self.transport.read()
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), n)
+            self._buffer += data
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
     async def _read_loop(self) -> None:
         try:
             while True:
-                head = await self.reader.readexactly(8)
+                head = await self._read_exactly(8)
                 first, second = struct.unpack(">II", head)
                 length = second & 0xFFFFFF
                 flags = second >> 24
-                body = await self.reader.readexactly(length)
+                body = await self._read_exactly(length)
                 if not first & 0x80000000:
                     stream = self.streams.get(first)
                     if stream is None:
@@ -225,6 +270,6 @@ class SpdyClient:
             self.closed.set()
 
     async def close(self) -> None:
-        self.writer.close()
+        await self.transport.close()
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)

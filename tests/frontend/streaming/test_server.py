@@ -15,7 +15,7 @@ from services.frontend.streaming.server import StreamingServer
 from services.frontend.streaming.tokens import TokenStore
 from tests.frontend.streaming.fake_backend import FakeBackend
 from tests.frontend.streaming.spdy_client import SpdyClient, UpgradeRefused
-from tests.frontend.streaming.tunnel import socket_bridge
+from tests.frontend.streaming.tunnel import WebSocketTunnel
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -184,16 +184,21 @@ async def test_spdy_flow_control_is_honoured_when_the_client_uses_it(server):
         await client.close()
 
 
+async def pings_answered(client, ping_id):
+    """The ping ids the server echoed, once it echoed any after sending `ping_id`."""
+    await client.ping(ping_id)
+    for _ in range(200):
+        if client.pings:
+            break
+        await asyncio.sleep(0.01)
+    return client.pings
+
+
 async def test_spdy_ping_is_answered(server):
     url = exec_url(server, ["sleep", "30"], stderr=False)
     client, s = await spdy_exec(url, stderr=False)
     try:
-        await client.ping(7)
-        for _ in range(200):
-            if client.pings:
-                break
-            await asyncio.sleep(0.01)
-        assert client.pings == [7]
+        assert await pings_answered(client, 7) == [7]
     finally:
         await client.close()
 
@@ -359,19 +364,87 @@ async def test_websocket_port_forward_channels(server, echo_server):
         assert reply == b"HELLO"
 
 
-async def test_websocket_tunnelled_spdy_port_forward(server, echo_server):
+TUNNEL = "SPDY/3.1+portforward.k8s.io"
+
+
+@pytest.mark.parametrize("subprotocol,split", [(TUNNEL, 0), (TUNNEL, 5), ("v2.portforward.k8s.io", 0)])
+async def test_spdy_tunnelled_in_a_websocket_forwards_ports(server, echo_server, subprotocol, split):
+    # split=5: SPDY frames cut across messages, as client-go's tunnel writes them.
     url = server.url("portforward", {"pod_id": "p1"})
-    async with ws_connect(ws_url(url), subprotocols=["v2.portforward.k8s.io"]) as ws:
-        assert ws.subprotocol == "v2.portforward.k8s.io"
-        # Bridge the WebSocket to a local socket pair and speak SPDY on it.
-        a, b = await socket_bridge(ws)
-        client = SpdyClient(a[0], a[1], "portforward.k8s.io", False)
-        try:
-            data, error = await spdy_forward(client, echo_server, 1, b"tunnel")
-            assert data == b"TUNNEL" and error == b""
-        finally:
-            await client.close()
-            b.cancel()
+    tunnel = await WebSocketTunnel.connect(url, ["v9.nonsense.k8s.io", subprotocol], split=split)
+    assert tunnel.subprotocol == subprotocol
+    client = SpdyClient(tunnel, "portforward.k8s.io")
+    try:
+        payloads = [bytes([97 + i]) * 70_000 for i in range(3)]  # past a SPDY window each
+        results = await asyncio.gather(*(spdy_forward(client, echo_server, i, p) for i, p in enumerate(payloads)))
+        assert results == [(p.upper(), b"") for p in payloads]
+        assert await pings_answered(client, 9) == [9]
+    finally:
+        await client.close()
+
+
+async def test_tunnel_offer_on_its_own_header_lines_is_understood(server, echo_server):
+    url = server.url("portforward", {"pod_id": "p1"})
+    # One offer per header line, each a name the token grammar refuses.
+    tunnel = await WebSocketTunnel.connect(url, [], extra_headers=[("Sec-WebSocket-Protocol", "SPDY/3.1+x.k8s.io"),
+                                                                   ("Sec-WebSocket-Protocol", TUNNEL)])
+    assert tunnel.headers["sec-websocket-protocol"] == TUNNEL
+    client = SpdyClient(tunnel, "portforward.k8s.io")
+    try:
+        assert await spdy_forward(client, echo_server, 1, b"lines") == (b"LINES", b"")
+    finally:
+        await client.close()
+
+
+async def test_unknown_websocket_subprotocols_are_refused(server):
+    url = server.url("portforward", {"pod_id": "p1"})
+    with pytest.raises(UpgradeRefused) as refused:
+        await WebSocketTunnel.connect(url, ["SPDY/3.1+v9.portforward.k8s.io"])
+    assert refused.value.status == 403
+    assert "SPDY/3.1+v9.portforward.k8s.io" in refused.value.body and TUNNEL in refused.value.body
+    # The tunnel is port-forward's: exec refuses it.
+    with pytest.raises(UpgradeRefused) as refused:
+        await WebSocketTunnel.connect(exec_url(server, ["true"]), [TUNNEL])
+    assert refused.value.status == 403
+
+
+async def test_a_text_message_breaks_the_tunnel(server):
+    url = server.url("portforward", {"pod_id": "p1"})
+    tunnel = await WebSocketTunnel.connect(url, [TUNNEL])
+    try:
+        tunnel.write_text("not SPDY")
+        assert await asyncio.wait_for(tunnel.read(), 10) == b""
+        assert tunnel.protocol.close_rcvd is not None and tunnel.protocol.close_rcvd.code == 1003
+    finally:
+        await tunnel.close()
+
+
+async def test_closing_the_tunnel_ends_the_forwarded_connections(server):
+    ended = asyncio.Event()
+    accepted = asyncio.Event()
+
+    async def handle(reader, writer):
+        accepted.set()
+        while await reader.read(65536):
+            pass
+        ended.set()
+        writer.close()
+
+    pod_side = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = pod_side.sockets[0].getsockname()[1]
+        tunnel = await WebSocketTunnel.connect(server.url("portforward", {"pod_id": "p1"}), [TUNNEL])
+        client = SpdyClient(tunnel, "portforward.k8s.io")
+        headers = {"port": str(port), "requestID": "1"}
+        await client.open_stream({"streamType": "error", **headers})
+        data = await client.open_stream({"streamType": "data", **headers})
+        await data.write(b"still open")
+        await asyncio.wait_for(accepted.wait(), 10)
+        await client.close()  # the WebSocket closes; the data stream never saw a FIN
+        await asyncio.wait_for(ended.wait(), 10)
+    finally:
+        pod_side.close()
+        await pod_side.wait_closed()
 
 
 # -- TLS ------------------------------------------------------------------------
