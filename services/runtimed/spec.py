@@ -368,7 +368,13 @@ def apparmor_enabled() -> bool:
 
 
 def seccomp_profile(sc: dict[str, Any], caps: set[str], rc: RuntimeConfig) -> tuple[dict | None, str]:
-    """The seccomp profile and a label of where it came from."""
+    """The seccomp section for the bounding set `caps`, and where it came from.
+
+    As CRI-O: no profile at all runs unconfined; RuntimeDefault is crio.conf's
+    seccomp_profile or the built-in profile. Without the `seccomp` field, the
+    deprecated seccomp_profile_path is read the way CRI-O read it before it was
+    dropped: "", "unconfined", "runtime/default", "docker/default", "localhost/<path>".
+    """
     prof = sc.get("seccomp")
     if prof is not None:
         kind = prof.get("profile_type", "RuntimeDefault")
@@ -377,20 +383,20 @@ def seccomp_profile(sc: dict[str, Any], caps: set[str], rc: RuntimeConfig) -> tu
             return None, "unconfined"
         if kind == "Localhost":
             ref = prof.get("localhost_ref", "")
-            return seccomp.load_profile(ref), "localhost/" + ref
+            return seccomp.load_profile(ref, caps), "localhost/" + ref
         if kind != "RuntimeDefault":
             raise InvalidArgument(f"unknown seccomp profile type {kind!r}")
     else:
         path = sc.get("seccomp_profile_path", "")
-        if path == "unconfined":
+        if path in ("", "unconfined"):
             return None, "unconfined"
         if path.startswith("localhost/"):
             ref = path[len("localhost/"):]
-            return seccomp.load_profile(ref), path
-        if path not in ("", "runtime/default", "docker/default"):
-            raise InvalidArgument(f"unknown seccomp profile {path!r}")
+            return seccomp.load_profile(ref, caps), path
+        if path not in ("runtime/default", "docker/default"):
+            raise InvalidArgument(f"unknown seccomp profile path {path!r}")
     if rc.seccomp_profile:
-        return seccomp.load_profile(rc.seccomp_profile), "runtime/default"
+        return seccomp.load_profile(rc.seccomp_profile, caps), "runtime/default"
     return seccomp.default_profile(caps), "runtime/default"
 
 

@@ -107,33 +107,6 @@ async def test_readonly_rootfs_refuses_writes(runtimed, cgroup_parent, rootfs):
     assert "wrote" in log
 
 
-async def test_seccomp_runtime_default_blocks_unshare(runtimed, cgroup_parent, rootfs):
-    pod = await new_pod(runtimed, cgroup_parent)
-    cmd = ["sh", "-c", "unshare -U true && echo unshared"]
-    status, log = await run_to_exit(runtimed, pod, rootfs, container_config(
-        "unconfined", command=cmd, sc={"seccomp": {"profile_type": "Unconfined"}}))
-    assert "unshared" in log
-    status, log = await run_to_exit(runtimed, pod, rootfs, container_config(
-        "default", command=cmd, sc={"seccomp": {"profile_type": "RuntimeDefault"}}))
-    assert "unshared" not in log and "Operation not permitted" in log
-
-
-async def test_seccomp_localhost_profile(runtimed, cgroup_parent, rootfs, base_dir):
-    pod = await new_pod(runtimed, cgroup_parent)
-    profile = base_dir / "deny-mkdir.json"
-    profile.write_text('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": ['
-                       '{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}')
-    status, log = await run_to_exit(runtimed, pod, rootfs, container_config(
-        "local", command=["sh", "-c", "mkdir /tmp/d && echo made"],
-        sc={"seccomp": {"profile_type": "Localhost", "localhost_ref": str(profile)}}))
-    assert "made" not in log
-    bad = base_dir / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(InvalidArgument, match="seccomp"):
-        await new_container(runtimed, pod, rootfs, container_config(
-            "bad", command=["true"], sc={"seccomp": {"profile_type": "Localhost", "localhost_ref": str(bad)}}))
-
-
 async def test_memory_and_pids_limits_in_cgroup(runtimed, cgroup_parent, rootfs):
     pod = await new_pod(runtimed, cgroup_parent)
     limit = 64 * 1024 * 1024
