@@ -48,16 +48,38 @@ def _network_condition(health: dict[str, Any]) -> api_pb2.RuntimeCondition:
     return api_pb2.RuntimeCondition(type="NetworkReady", status=True)
 
 
+def _runtime_handlers(health: dict[str, Any]) -> list[api_pb2.RuntimeHandler]:
+    """One entry per configured handler, and the default one again with an empty name (as CRI-O does).
+
+    runtimed examined each handler when it started (or reloaded them): its health carries the result.
+    """
+    handlers = []
+    for found in health.get("runtime_handlers") or []:
+        features = api_pb2.RuntimeHandlerFeatures(
+            recursive_read_only_mounts=bool(found.get("recursive_read_only_mounts")), user_namespaces=False)
+        handlers.append(api_pb2.RuntimeHandler(name=found["name"], features=features))
+        if found["name"] == health.get("default_runtime_handler"):
+            handlers.append(api_pb2.RuntimeHandler(name="", features=features))
+    return handlers
+
+
 @cri_method("Status")
 async def status(request: api_pb2.StatusRequest, call: CallContext) -> api_pb2.StatusResponse:
     runtimed, netd = await asyncio.gather(_health(call, "runtimed"), _health(call, "netd"))
-    response = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(
-        conditions=[_runtime_condition(runtimed), _network_condition(netd)]))
+    response = api_pb2.StatusResponse(
+        status=api_pb2.RuntimeStatus(conditions=[_runtime_condition(runtimed), _network_condition(netd)]),
+        runtime_handlers=_runtime_handlers(runtimed),
+        features=api_pb2.RuntimeFeatures(supplemental_groups_policy=True))
     if request.verbose:
         others = await asyncio.gather(_health(call, "imaged"), _health(call, "storaged"))
         services = {h["service"]: h for h in (runtimed, netd, *others)}
         response.info["services"] = json.dumps(services, sort_keys=True)
         response.info["config"] = json.dumps(call.config.to_dict(), sort_keys=True)
+        # Not "features": crictl info puts the info map's keys beside the response's own features.
+        response.info["detectedFeatures"] = json.dumps({
+            "hugetlb": runtimed.get("hugetlb") or {"usable": False, "reason": "runtimed did not answer"},
+            "runtime_handlers": runtimed.get("runtime_handlers") or [],
+        }, sort_keys=True)
     return response
 
 

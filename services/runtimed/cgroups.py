@@ -48,6 +48,40 @@ def v1_mounts() -> dict[str, str]:
     return mounts
 
 
+def _kernel_controllers() -> set[str]:
+    """Controllers the kernel was built with and has enabled (/proc/cgroups)."""
+    try:
+        with open("/proc/cgroups") as f:
+            rows = [line.split() for line in f if not line.startswith("#")]
+    except OSError:
+        return set()
+    return {row[0] for row in rows if len(row) >= 4 and row[3] == "1"}
+
+
+def hugetlb_usable() -> tuple[bool, str]:
+    """Whether runc can set hugepage limits on this machine, and a sentence saying why (not).
+
+    A kernel may know the hugetlb controller while no hierarchy the runtime uses
+    has it (cgroup v1 with hugetlb left unmounted, or bound to the v2 tree of a
+    hybrid setup that runc's v1 driver does not use for it); then every limit
+    runc is given fails the container's creation.
+    """
+    if is_v2():
+        try:
+            with open(os.path.join(CGROUP_ROOT, "cgroup.controllers")) as f:
+                offered = f.read().split()
+        except OSError as e:
+            return False, f"cannot read the cgroup v2 root's controllers: {e.strerror}"
+        if "hugetlb" in offered:
+            return True, "the cgroup v2 root offers the hugetlb controller"
+        return False, "the cgroup v2 root does not offer the hugetlb controller"
+    if "hugetlb" in v1_mounts():
+        return True, "the hugetlb controller is mounted in a cgroup v1 hierarchy"
+    if "hugetlb" not in _kernel_controllers():
+        return False, "the kernel has no hugetlb cgroup controller"
+    return False, "the kernel has the hugetlb controller but no cgroup v1 hierarchy mounts it"
+
+
 def check_parent(parent: str) -> str:
     """A cgroup parent path for the cgroupfs driver: absolute, no `..`."""
     if not parent:

@@ -103,6 +103,18 @@ class Runc:
         await self._run(["resume", container_id])
 
 
+async def version(path: str, *, timeout: float = 10.0) -> tuple[str, str]:
+    """The program's name and version from its first line (`runc version 1.1.5+ds1`: "runc", "1.1.5+ds1")."""
+    result = await process.run([path, "--version"], timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError_(f"{path} --version: {_error_text(result.stderr) or f'exit status {result.returncode}'}")
+    lines = result.stdout.decode(errors="replace").splitlines()
+    words = lines[0].split() if lines else []
+    if not words:
+        raise RuntimeError_(f"{path} --version printed nothing")
+    return words[0], words[-1]
+
+
 def _error_text(stderr: bytes) -> str:
     """The message of runc's last log line (runc logs logfmt or JSON)."""
     lines = [ln for ln in stderr.decode(errors="replace").strip().splitlines() if ln.strip()]

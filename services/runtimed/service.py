@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import structlog
 
-from services.runtimed import (cgroups, checkpoint, conmon, exec_session, namespaces, pod_resources, podfiles,
-                               process, spec, stats)
+from services.runtimed import (cgroups, checkpoint, conmon, exec_session, features, namespaces, pod_resources,
+                               podfiles, process, runc, spec, stats, users)
 from services.runtimed.events import Events
 from services.runtimed.event_publisher import EventPublisher
 from services.runtimed.mounts import mount, unmount
@@ -36,6 +36,7 @@ from shared.bus.service import Service, method
 from shared.config import Config, RuntimeHandler
 from shared.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
                            InvalidArgument, NotFound, Unavailable)
+from shared.reload import ReloadResult
 
 log = structlog.get_logger(__name__)
 
@@ -117,6 +118,7 @@ class Runtimed(Service):
         self._changed: asyncio.Condition | None = None
         self._store: Store | None = None
         self._watcher: asyncio.Task | None = None
+        self.features = features.Features()
 
     # -- life cycle -------------------------------------------------------
 
@@ -126,6 +128,7 @@ class Runtimed(Service):
                   os.path.join(self.run_dir, "sandboxes")):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._changed = asyncio.Condition()
+        await self.features.detect(self.rc)
         self._store = Store(os.path.join(self.state_dir, "records"))
         for rec in self._store.load_all("sandboxes"):
             self.sandboxes[rec["id"]] = rec
@@ -160,7 +163,18 @@ class Runtimed(Service):
             self._watcher = None
 
     def readiness(self) -> dict[str, Any]:
-        return {"runtime_ready": self.ready}
+        return {"runtime_ready": self.ready, **self.features.report()}
+
+    async def apply_config(self, result: ReloadResult) -> None:
+        if any(path.startswith("crio.runtime.runtimes") for path in result.applied):
+            await self.features.detect(self.rc)
+
+    def _rro(self, handler_name: str) -> tuple[bool, str]:
+        """Whether the handler can make mounts read-only recursively, and why (not)."""
+        found = self.features.handler(handler_name)
+        if found is None:
+            return False, f"runtime handler {handler_name!r} was not examined"
+        return found.recursive_read_only_mounts, found.reason
 
     def add_event_hook(self, hook: Callable[[dict[str, Any]], None]) -> None:
         """Call `hook` with each container and sandbox event (see events.py)."""
@@ -366,9 +380,7 @@ class Runtimed(Service):
 
     @method(idempotent=True)
     async def runtime_version(self) -> dict[str, Any]:
-        result = await process.run([self._handler("").runtime_path, "--version"], timeout=10)
-        first = result.stdout.decode(errors="replace").splitlines()
-        version = first[0].split()[-1] if first else "unknown"
+        _program, version = await runc.version(self._handler("").runtime_path)
         return {"runtime_name": "runc", "runtime_version": version, "runtime_api_version": "v1"}
 
     @method(idempotent=True)
@@ -377,6 +389,7 @@ class Runtimed(Service):
         """Hold the pod's name; a retry of a pod still being made waits for it and gets its id."""
         meta = _metadata(config, "pod sandbox", ("name", "namespace", "uid"))
         self._handler(runtime_handler)
+        users.check_run_as_group(((config.get("linux") or {}).get("security_context") or {}), pod=True)
         attempt = int(meta.get("attempt") or 0)
         name = f"k8s_{meta['name']}_{meta['namespace']}_{meta['uid']}_{attempt}"
         config_hash = _hash([config, runtime_handler])
@@ -732,6 +745,8 @@ class Runtimed(Service):
         if sb["state"] != "ready":
             raise FailedPrecondition(f"pod sandbox {sandbox_id} is not ready")
         meta = _metadata(config, "container", ("name",))
+        rro, rro_reason = self._rro(sb.get("runtime_handler", ""))
+        spec.check_request(config, rro=rro, rro_reason=rro_reason)
         pod_meta = sb["config"].get("metadata") or {}
         attempt = int(meta.get("attempt") or 0)
         name = (f"k8s_{meta['name']}_{pod_meta.get('name')}_{pod_meta.get('namespace')}_"
@@ -782,11 +797,13 @@ class Runtimed(Service):
                 target_ns = f"/proc/{target['pid']}/ns/pid"
             log_path = self._log_path(sb, cfg)
             handler = self._handler(rec["runtime_handler"])
+            rro, rro_reason = self._rro(rec["runtime_handler"])
             built = await asyncio.to_thread(
                 spec.build, container_id=rec["id"], config=cfg, image=image_cfg, rootfs=rootfs,
                 sandbox=self._facts(sb), rc=self.rc, systemd_cgroup=self.systemd, target_pid_ns=target_ns,
                 pids_limit=self.rc.pids_limit,
-                privileged_host_devices=not handler.privileged_without_host_devices)
+                privileged_host_devices=not handler.privileged_without_host_devices,
+                hugetlb=self.features.hugetlb, rro=rro, rro_reason=rro_reason)
             bundle = os.path.join(self.state_dir, "containers", rec["id"])
             if os.path.exists(bundle):
                 # An earlier attempt was cut off (its conmon may even have gone
@@ -804,7 +821,8 @@ class Runtimed(Service):
                 image_id=image.get("id", ""),
                 image_ref=image_ref or ((image.get("repo_digests") or [None])[0]) or image.get("id", ""),
                 mounts=built.mounts, resources=(linux.get("resources") or {}),
-                uid=built.user.uid, tty=bool(cfg.get("tty")),
+                uid=built.user.uid, gid=built.user.gid, supplemental_groups=list(built.user.additional_gids),
+                tty=bool(cfg.get("tty")),
                 conmon_cgroup_dirs=[],
             )
             conmon_cgroup = self._conmon_cgroup_path(rec, sb)
@@ -1079,7 +1097,11 @@ class Runtimed(Service):
             resources={"linux": rec.get("resources") or {}},
         )
         if rec.get("uid") is not None:
-            status["user"] = {"linux": {"uid": rec["uid"]}}
+            # The identity the container's process really has (CRI-O reports the spec's process user).
+            linux_user = {"uid": rec["uid"]}
+            if rec.get("gid") is not None:
+                linux_user.update(gid=rec["gid"], supplemental_groups=rec.get("supplemental_groups") or [])
+            status["user"] = {"linux": linux_user}
         result: dict[str, Any] = {"status": status}
         if verbose:
             try:
@@ -1185,7 +1207,8 @@ class Runtimed(Service):
             await self._refresh(rec)
             if rec["state"] not in ("created", "running"):
                 raise FailedPrecondition(f"container {container_id} is not running")
-            resources, _oom = spec.linux_resources(linux or {}, pids_limit=self.rc.pids_limit)
+            resources, _oom = spec.linux_resources(linux or {}, pids_limit=self.rc.pids_limit,
+                                                   hugetlb=self.features.hugetlb)
             await self._runc(rec).update(rec["id"], resources)
             spec_path = os.path.join(rec["bundle"], "config.json")
             with open(spec_path) as f:

@@ -23,6 +23,7 @@ from shared.errors import InvalidArgument
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIN_MEMORY_LIMIT = 12 * 1024 * 1024
 
+# Masked and read-only paths of the pod's infra process; a container's come from the CRI.
 DEFAULT_MASKED_PATHS = [
     "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
     "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
@@ -163,9 +164,14 @@ def swap_accounting() -> bool:
     return bool(directory) and os.path.exists(os.path.join(directory, "memory.memsw.limit_in_bytes"))
 
 
-def linux_resources(res: dict[str, Any] | None, *, pids_limit: int = 0,
-                    available: frozenset[str] | None = None) -> tuple[dict[str, Any], int | None]:
-    """The spec's linux.resources from CRI LinuxContainerResources, and the oom_score_adj."""
+def linux_resources(res: dict[str, Any] | None, *, pids_limit: int = 0, available: frozenset[str] | None = None,
+                    hugetlb: bool = True) -> tuple[dict[str, Any], int | None]:
+    """The spec's linux.resources from CRI LinuxContainerResources, and the oom_score_adj.
+
+    `hugetlb`: whether runc can set hugepage limits here; the kubelet sends them
+    for every page size the node has, and where the controller is not usable
+    they are checked, then left out, rather than failing every container.
+    """
     res = res or {}
     out: dict[str, Any] = {}
     cpu: dict[str, Any] = {}
@@ -215,7 +221,7 @@ def linux_resources(res: dict[str, Any] | None, *, pids_limit: int = 0,
         if not re.fullmatch(r"\d+[KMG]B", size or ""):
             raise InvalidArgument(f"hugepage_limits[{i}].page_size is not like 2MB: {size!r}")
         hugepages.append({"pageSize": size, "limit": i64(hp.get("limit"), "hugepage limit", 0)})
-    if hugepages:
+    if hugepages and hugetlb:
         out["hugepageLimits"] = hugepages
     unified = res.get("unified") or {}
     if unified:
@@ -235,8 +241,35 @@ def linux_resources(res: dict[str, Any] | None, *, pids_limit: int = 0,
     return out, oom
 
 
+def _check_recursive_read_only(i: int, m: dict[str, Any], rro: bool, rro_reason: str) -> None:
+    """The CRI's rules for a recursive read-only mount: read-only, private, and a runtime that can."""
+    if not m.get("recursive_read_only"):
+        return
+    what = f"mounts[{i}] ({m.get('host_path', '')})"
+    if not m.get("readonly"):
+        raise InvalidArgument(f"{what}: recursive_read_only needs readonly")
+    if _PROPAGATION.get(m.get("propagation"), "") != "rprivate":
+        raise InvalidArgument(f"{what}: recursive_read_only needs propagation PROPAGATION_PRIVATE, "
+                              f"not {m.get('propagation')}")
+    if not rro:
+        raise InvalidArgument(f"{what}: recursive read-only mounts are not supported by the runtime handler: "
+                              f"{rro_reason}")
+
+
+def check_request(config: dict[str, Any], *, rro: bool = False, rro_reason: str = "") -> None:
+    """What can be refused from the container's config alone, before anything is reserved or made."""
+    sc = (config.get("linux") or {}).get("security_context") or {}
+    users.check_run_as_group(sc)
+    users.supplemental_groups_policy(sc.get("supplemental_groups_policy"))
+    for i, m in enumerate(config.get("mounts") or []):
+        _check_recursive_read_only(i, m, rro, rro_reason)
+
+
 def _user_mounts(config: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None, list[dict[str, Any]]]:
-    """Bind mounts from CRI mounts; the rootfs propagation they need; their status records."""
+    """Bind mounts from CRI mounts; the rootfs propagation they need; their status records.
+
+    The recursive read-only rules were applied by check_request.
+    """
     out: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     rootfs_propagation: str | None = None
@@ -260,11 +293,12 @@ def _user_mounts(config: dict[str, Any]) -> tuple[list[dict[str, Any]], str | No
             if propagation == "rshared" or rootfs_propagation is None:
                 rootfs_propagation = "rshared" if propagation == "rshared" else "rslave"
         readonly = bool(m.get("readonly"))
-        options = ["rbind", propagation] + (["ro"] if readonly else [])
-        if readonly and m.get("recursive_read_only"):
-            options.append("rro")
+        recursive = bool(m.get("recursive_read_only"))
+        # As CRI-O: runc's `rro` makes the whole tree read-only, submounts included; `ro` only the top.
+        options = ["rbind", propagation] + (["rro"] if recursive else ["ro"] if readonly else [])
         out.append({"destination": dest, "type": "bind", "source": source, "options": options})
         records.append({"container_path": dest, "host_path": host, "readonly": readonly,
+                        "recursive_read_only": recursive,
                         "propagation": m.get("propagation") or "PROPAGATION_PRIVATE"})
     return out, rootfs_propagation, records
 
@@ -403,10 +437,16 @@ def seccomp_profile(sc: dict[str, Any], caps: set[str], rc: RuntimeConfig) -> tu
 def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], rootfs: str,
           sandbox: SandboxFacts, rc: RuntimeConfig, systemd_cgroup: bool = False,
           target_pid_ns: str | None = None, pids_limit: int = 0, privileged_host_devices: bool = True,
-          available_caps: frozenset[str] | None = None) -> Built:
-    """The OCI spec of one container."""
+          available_caps: frozenset[str] | None = None, hugetlb: bool = True, rro: bool = False,
+          rro_reason: str = "not known to be supported") -> Built:
+    """The OCI spec of one container.
+
+    `hugetlb`: whether hugepage limits can be applied here; `rro`: whether the
+    runtime handler can make mounts read-only recursively (`rro_reason` says why not).
+    """
     if not os.path.isdir(rootfs):
         raise InvalidArgument(f"rootfs {rootfs} is not a directory")
+    check_request(config, rro=rro, rro_reason=rro_reason)
     available = available_caps if available_caps is not None else runtime_capabilities()
     linux_cfg = config.get("linux") or {}
     sc = linux_cfg.get("security_context") or {}
@@ -419,7 +459,8 @@ def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], r
         run_as_user=wrapped_int(sc.get("run_as_user"), "run_as_user"),
         run_as_username=sc.get("run_as_username") or "",
         run_as_group=wrapped_int(sc.get("run_as_group"), "run_as_group"),
-        supplemental_groups=[i64(g, "supplemental_groups") for g in sc.get("supplemental_groups") or []])
+        supplemental_groups=[i64(g, "supplemental_groups") for g in sc.get("supplemental_groups") or []],
+        groups_policy=users.supplemental_groups_policy(sc.get("supplemental_groups_policy")))
     args = process_args(config, image)
     envs = []
     for e in config.get("envs") or []:
@@ -448,7 +489,8 @@ def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], r
             raise InvalidArgument(f"cannot create working directory {cwd}: {e.strerror}") from None
 
     caps, ambient = capabilities(sc, rc.default_capabilities, available, privileged)
-    resources, oom = linux_resources(linux_cfg.get("resources"), pids_limit=pids_limit, available=available)
+    resources, oom = linux_resources(linux_cfg.get("resources"), pids_limit=pids_limit, available=available,
+                                     hugetlb=hugetlb)
 
     proc: dict[str, Any] = {
         "terminal": bool(config.get("tty")),
@@ -546,8 +588,10 @@ def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], r
     if rootfs_propagation:
         linux["rootfsPropagation"] = rootfs_propagation
     if not privileged:
-        linux["maskedPaths"] = _merge_unique(DEFAULT_MASKED_PATHS, sc.get("masked_paths") or [])
-        linux["readonlyPaths"] = _merge_unique(DEFAULT_READONLY_PATHS, sc.get("readonly_paths") or [])
+        # As CRI-O: the lists as the CRI gives them, no defaults of ours. The kubelet sends its
+        # defaults for procMount Default and nothing for Unmasked (proto3 cannot tell empty from absent).
+        linux["maskedPaths"] = _unique_paths(sc.get("masked_paths") or [])
+        linux["readonlyPaths"] = _unique_paths(sc.get("readonly_paths") or [])
         profile, _label = seccomp_profile(sc, set(caps), rc)
         if profile is not None:
             linux["seccomp"] = profile
@@ -572,9 +616,9 @@ def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], r
                  privileged=privileged, resources=resources, mounts=mount_records)
 
 
-def _merge_unique(first: list[str], second: list[str]) -> list[str]:
+def _unique_paths(paths: list[str]) -> list[str]:
     out = []
-    for p in list(first) + list(second):
+    for p in paths:
         p = clean_absolute(p, "masked or read-only path")
         if p not in out:
             out.append(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.runtimed.paths import read_file_in_root
 from shared.errors import InvalidArgument
@@ -12,7 +13,7 @@ from shared.errors import InvalidArgument
 class User:
     uid: int
     gid: int
-    additional_gids: list[int] = field(default_factory=list)
+    additional_gids: list[int] = field(default_factory=list)  # the primary gid first, as CRI-O
     home: str = "/"
     name: str | None = None
 
@@ -64,10 +65,36 @@ def _id(text: str) -> int | None:
     return None
 
 
+# CRI SupplementalGroupsPolicy, as MessageToDict spells it (absent: Merge, the zero value).
+SUPPLEMENTAL_GROUPS_POLICIES = {None: "Merge", 0: "Merge", "Merge": "Merge", 1: "Strict", "Strict": "Strict"}
+
+
+def check_run_as_group(sc: dict[str, Any], *, pod: bool = False) -> None:
+    """The CRI's rule: a group to run as needs a user to run as (for a container, a user name will do)."""
+    if sc.get("run_as_group") is None or sc.get("run_as_user") is not None or sc.get("run_as_username"):
+        return
+    if pod:
+        raise InvalidArgument("pod sandbox linux.security_context.run_as_group is set without "
+                              "linux.security_context.run_as_user")
+    raise InvalidArgument("container linux.security_context.run_as_group is set without "
+                          "linux.security_context.run_as_user or run_as_username")
+
+
+def supplemental_groups_policy(value: object) -> str:
+    """The policy's name from its CRI value; an unknown one is refused, not taken for Merge."""
+    if value not in SUPPLEMENTAL_GROUPS_POLICIES:
+        raise InvalidArgument(f"unknown supplemental_groups_policy {value!r}")
+    return SUPPLEMENTAL_GROUPS_POLICIES[value]  # type: ignore[index]
+
+
 def resolve(rootfs: str, *, image_user: str = "", run_as_user: int | None = None,
             run_as_username: str = "", run_as_group: int | None = None,
-            supplemental_groups: list[int] | None = None) -> User:
-    """Apply the kubelet's rules: the security context wins over the image's USER."""
+            supplemental_groups: list[int] | None = None, groups_policy: str = "Merge") -> User:
+    """Apply the kubelet's rules: the security context wins over the image's USER.
+
+    The groups are the primary one, then (policy Merge) the image's /etc/group
+    memberships of the user, then the requested ones; Strict leaves out the image's.
+    """
     image_user = image_user or ""
     user_part, _, group_part = image_user.partition(":")
     if run_as_user is not None:
@@ -109,12 +136,12 @@ def resolve(rootfs: str, *, image_user: str = "", run_as_user: int | None = None
                 raise InvalidArgument(f"group {group_part!r} not found in the image's /etc/group")
     if run_as_group is not None:
         gid = run_as_group
-    extra: list[int] = []
-    if name is not None:
-        extra = [g for _gname, g, members in groups if name in members]
+    extra: list[int] = [gid]
+    if name is not None and groups_policy == "Merge":
+        extra += [g for _gname, g, members in groups if name in members]
     for g in supplemental_groups or []:
         extra.append(int(g))
-    seen = {gid}
+    seen: set[int] = set()
     additional = []
     for g in extra:
         if g not in seen:

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from services.runtimed import features
+from shared.config import RuntimeHandler
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from shared.reload import ReloadResult
 from tests.runtimed.conftest import (IMAGE, conmon_pids, container_config, new_container, new_pod, pod_config,
                                      run_to_exit, wait_exited)
 
@@ -72,6 +75,33 @@ async def test_sandbox_status_list_and_removal(runtimed, cgroup_parent, base_dir
 async def test_unknown_runtime_handler(runtimed, cgroup_parent):
     with pytest.raises(InvalidArgument):
         await runtimed.reserve_sandbox(config=pod_config(cgroup_parent), runtime_handler="kata")
+
+
+async def test_runtime_handler_features_are_found_once_and_again_on_reload(runtimed, monkeypatch, base_dir):
+    asked: list[str] = []
+    real_version = features.runc.version
+
+    async def counting_version(path: str) -> tuple[str, str]:
+        asked.append(path)
+        return await real_version(path)
+
+    monkeypatch.setattr(features.runc, "version", counting_version)
+    for _ in range(3):
+        health = await runtimed.health()
+    assert asked == []  # health (what Status asks) reads what start found
+    assert [h["name"] for h in health["runtime_handlers"]] == ["runc"]
+    assert health["default_runtime_handler"] == "runc" and "usable" in health["hugetlb"]
+    # A reload that adds a handler examines the handlers again.
+    fake = base_dir / "fake-runc"
+    fake.write_text('#!/bin/sh\necho "runc version 1.0.0-rc93"\n')
+    fake.chmod(0o755)
+    old = dict(runtimed.rc.runtimes)
+    runtimed.rc.runtimes = {**old, "old": RuntimeHandler(runtime_path=str(fake))}
+    await runtimed.apply_config(ReloadResult(applied={"crio.runtime.runtimes": (old, runtimed.rc.runtimes)},
+                                             needs_restart={}))
+    assert sorted(asked) == sorted([str(fake), old["runc"].runtime_path])
+    found = {h["name"]: h for h in (await runtimed.health())["runtime_handlers"]}
+    assert found["old"]["recursive_read_only_mounts"] is False and "1.0.0-rc93" in found["old"]["reason"]
 
 
 async def test_name_reservation(runtimed, cgroup_parent, rootfs):

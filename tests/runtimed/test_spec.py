@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
 
-from services.runtimed import namespaces, podfiles, spec
+from services.runtimed import features, namespaces, podfiles, seccomp, spec, users
 from services.runtimed.paths import clean_absolute, confined_relative, resolve_in_root
 from shared.config import RuntimeConfig
 from shared.errors import InvalidArgument
@@ -118,7 +119,8 @@ def test_build_namespaces_mounts_and_security(tmp_path):
     dests = {m["destination"]: m for m in s["mounts"]}
     assert dests["/etc/hosts"]["source"] == "/hosts" and "ro" in dests["/etc/hosts"]["options"]
     assert dests["/dev/shm"]["source"] == "/shm"
-    assert "/proc/kcore" in s["linux"]["maskedPaths"] and "seccomp" not in s["linux"]  # no profile: unconfined
+    # No lists in the CRI: nothing masked (the kubelet always sends its own defaults); no profile: unconfined.
+    assert s["linux"]["maskedPaths"] == [] and s["linux"]["readonlyPaths"] == [] and "seccomp" not in s["linux"]
     # Host network: no network or UTS namespace; a user mount replaces the pod's /etc/hosts.
     hosts = tmp_path / "myhosts"
     hosts.write_text("")
@@ -133,3 +135,114 @@ def test_build_namespaces_mounts_and_security(tmp_path):
                        image={}, rootfs=rootfs, sandbox=_facts(privileged=True), rc=rc, available_caps=ALL)
     assert "seccomp" not in built.spec["linux"] and "maskedPaths" not in built.spec["linux"]
     assert set(built.spec["process"]["capabilities"]["bounding"]) == ALL
+
+
+KUBELET_MASKED = ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                  "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                  "/sys/devices/virtual/powercap"]
+KUBELET_READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+
+def _build(tmp_path, config: dict, **kw) -> spec.Built:
+    rootfs = tmp_path / "rootfs"
+    if not rootfs.exists():
+        make_rootfs(rootfs)
+    return spec.build(container_id="c", config={"command": ["sh"], **config}, image=kw.pop("image", {}),
+                      rootfs=str(rootfs), sandbox=_facts(**kw.pop("facts", {})), rc=RuntimeConfig(),
+                      available_caps=ALL, **kw)
+
+
+def test_masked_and_readonly_paths_are_the_cri_lists(tmp_path):
+    # procMount Default: the kubelet's lists, as given.
+    built = _build(tmp_path, {"linux": {"security_context": {
+        "masked_paths": KUBELET_MASKED + ["/proc/kcore"], "readonly_paths": KUBELET_READONLY}}})
+    assert built.spec["linux"]["maskedPaths"] == KUBELET_MASKED
+    assert built.spec["linux"]["readonlyPaths"] == KUBELET_READONLY
+    # procMount Unmasked: the kubelet sends empty lists, which arrive as no lists at all.
+    built = _build(tmp_path, {"linux": {"security_context": {"masked_paths": [], "readonly_paths": []}}})
+    assert built.spec["linux"]["maskedPaths"] == [] and built.spec["linux"]["readonlyPaths"] == []
+    with pytest.raises(InvalidArgument):
+        _build(tmp_path, {"linux": {"security_context": {"masked_paths": ["relative/path"]}}})
+
+
+def test_hugepage_limits_follow_the_controller():
+    res = {"hugepage_limits": [{"page_size": "2MB", "limit": "0"}, {"page_size": "1GB", "limit": "1073741824"}]}
+    out, _ = spec.linux_resources(res, available=ALL, hugetlb=True)
+    assert out["hugepageLimits"] == [{"pageSize": "2MB", "limit": 0}, {"pageSize": "1GB", "limit": 1 << 30}]
+    out, _ = spec.linux_resources(res, available=ALL, hugetlb=False)
+    assert "hugepageLimits" not in out
+    with pytest.raises(InvalidArgument):  # still checked when left out
+        spec.linux_resources({"hugepage_limits": [{"page_size": "huge"}]}, available=ALL, hugetlb=False)
+
+
+def test_hugepage_limits_reach_the_spec_where_usable(tmp_path):
+    config = {"linux": {"resources": {"hugepage_limits": [{"page_size": "2MB", "limit": "0"}]}}}
+    assert _build(tmp_path, config, hugetlb=True).spec["linux"]["resources"]["hugepageLimits"] == \
+        [{"pageSize": "2MB", "limit": 0}]
+    assert "hugepageLimits" not in _build(tmp_path, config, hugetlb=False).spec["linux"]["resources"]
+
+
+def test_recursive_read_only_mounts(tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    rro = {"container_path": "/v", "host_path": str(vol), "readonly": True, "recursive_read_only": True}
+    built = _build(tmp_path, {"mounts": [rro]}, rro=True)
+    [mount] = [m for m in built.spec["mounts"] if m["destination"] == "/v"]
+    assert mount["options"] == ["rbind", "rprivate", "rro"]
+    assert built.mounts == [{"container_path": "/v", "host_path": str(vol), "readonly": True,
+                             "recursive_read_only": True, "propagation": "PROPAGATION_PRIVATE"}]
+    plain = _build(tmp_path, {"mounts": [{**rro, "recursive_read_only": False}]}, rro=True)
+    assert [m["options"] for m in plain.spec["mounts"] if m["destination"] == "/v"] == [["rbind", "rprivate", "ro"]]
+    for bad, words in (({**rro, "readonly": False}, "needs readonly"),
+                       ({**rro, "propagation": "PROPAGATION_HOST_TO_CONTAINER"}, "PROPAGATION_PRIVATE")):
+        with pytest.raises(InvalidArgument, match=words):
+            spec.check_request({"mounts": [bad]}, rro=True)
+    with pytest.raises(InvalidArgument, match="not supported by the runtime handler: runc 1.0 is too old"):
+        _build(tmp_path, {"mounts": [rro]}, rro=False, rro_reason="runc 1.0 is too old")
+
+
+def test_run_as_group_needs_a_user():
+    for sc in ({"run_as_group": {"value": "3000"}}, {"run_as_group": "0"}):
+        with pytest.raises(InvalidArgument, match="linux.security_context.run_as_group"):
+            spec.check_request({"linux": {"security_context": sc}})
+        with pytest.raises(InvalidArgument, match="pod sandbox linux.security_context.run_as_group"):
+            users.check_run_as_group(sc, pod=True)
+    spec.check_request({"linux": {"security_context": {"run_as_group": "3", "run_as_user": "0"}}})
+    spec.check_request({"linux": {"security_context": {"run_as_group": "3", "run_as_username": "alice"}}})
+    users.check_run_as_group({"run_as_group": "3", "run_as_user": {"value": "0"}}, pod=True)
+    with pytest.raises(InvalidArgument, match="supplemental_groups_policy"):
+        spec.check_request({"linux": {"security_context": {"supplemental_groups_policy": "Sometimes"}}})
+
+
+def test_supplemental_groups_policy(tmp_path):
+    rootfs = str(make_rootfs(tmp_path / "rootfs"))  # alice (1000) is in staff (50) and video (44)
+    merged = users.resolve(rootfs, image_user="alice", run_as_group=3000, supplemental_groups=[4000])
+    assert (merged.uid, merged.gid, merged.additional_gids) == (1000, 3000, [3000, 50, 44, 4000])
+    strict = users.resolve(rootfs, image_user="alice", run_as_group=3000, supplemental_groups=[4000, 3000],
+                           groups_policy="Strict")
+    assert (strict.uid, strict.gid, strict.additional_gids) == (1000, 3000, [3000, 4000])
+    built = _build(tmp_path, {"linux": {"security_context": {
+        "run_as_user": {"value": "1000"}, "supplemental_groups_policy": "Strict"}}})
+    assert built.spec["process"]["user"] == {"uid": 1000, "gid": 1000, "additionalGids": [1000]}
+    assert users.supplemental_groups_policy(None) == "Merge" and users.supplemental_groups_policy(1) == "Strict"
+
+
+def test_recursive_read_only_needs_runc_1_1_and_mount_setattr(monkeypatch):
+    assert features.mount_setattr("5.11.22")[0] is False
+    assert features.mount_setattr("not-a-version")[0] is False
+    host = features.HostFeatures(kernel="6.1", mount_setattr=True, mount_setattr_reason="kernel 6.1 has it",
+                                 hugetlb=False, hugetlb_reason="")
+
+    async def detect(version: tuple[str, str], mount_setattr: bool = True) -> features.HandlerFeatures:
+        async def fake_version(path: str) -> tuple[str, str]:
+            return version
+        monkeypatch.setattr(features.runc, "version", fake_version)
+        h = host if mount_setattr else features.HostFeatures("5.4", False, "kernel 5.4 is old", False, "")
+        return await features.detect_handler("h", RuntimeConfig().runtimes["runc"], h)
+
+    assert asyncio.run(detect(("runc", "1.1.0"))).recursive_read_only_mounts
+    assert asyncio.run(detect(("runc", "1.2.3+dev"))).recursive_read_only_mounts
+    assert not asyncio.run(detect(("runc", "1.0.3"))).recursive_read_only_mounts
+    assert not asyncio.run(detect(("crun", "1.14"))).recursive_read_only_mounts
+    found = asyncio.run(detect(("runc", "1.1.5"), mount_setattr=False))
+    assert not found.recursive_read_only_mounts and found.reason == "kernel 5.4 is old"

@@ -390,10 +390,14 @@ def push_whiteout_image(registry: Any, repo: str = "test/whiteout", tag: str | N
 
 
 def push_user_image(registry: Any, repo: str = "test/user", tag: str | None = "latest",
-                    user: str = "app") -> Pushed:
-    """busybox with user `app` (uid 1000, gid 1000) in /etc/passwd, and config User=app."""
+                    user: str = "app", extra_groups: dict[str, int] | None = None) -> Pushed:
+    """busybox with user `app` (uid 1000, gid 1000) in /etc/passwd, and config User=app.
+
+    `extra_groups` (name: gid) are groups of /etc/group that list `app` as a member.
+    """
     passwd = PASSWD + b"app:x:1000:1000:app:/home/app:/bin/sh\n"
-    group = GROUP + b"app:x:1000:\n"
+    group = GROUP + b"app:x:1000:\n" + b"".join(
+        f"{name}:x:{gid}:app\n".encode() for name, gid in (extra_groups or {}).items())
     layers = [Layer(build_tar(busybox_entries(passwd=passwd, group=group))),
               Layer(build_tar([dir_entry("home"), dir_entry("home/app", 0o750, 1000, 1000),
                                file_entry("home/app/.profile", b"export HOME=/home/app\n", 0o644, 1000, 1000)]))]
