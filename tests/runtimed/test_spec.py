@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from services.runtimed import features, namespaces, podfiles, seccomp, spec, users
+from services.runtimed import features, namespaces, podfiles, spec, users
 from services.runtimed.paths import clean_absolute, confined_relative, resolve_in_root
 from shared.config import RuntimeConfig
 from shared.errors import InvalidArgument
