@@ -14,7 +14,11 @@ CNI_CONF_DIR ?= /etc/cni/net.d
 DEBIAN_PACKAGES := runc conmon containernetworking-plugins busybox-static docker-registry \
 	iproute2 iptables mount catatonit libcap2-bin kmod python3-venv skopeo criu
 
-.PHONY: all setup debian-packages venv cni-config run test bench clean
+# Real Kubernetes clients for `make test-clients` (not part of `make test`).
+CRICTL ?= ../shared/tools/crictl
+KUBELET ?= ../shared/tools/kubelet
+
+.PHONY: all setup debian-packages venv cni-config run test test-clients bench clean
 
 all: setup
 
@@ -49,7 +53,17 @@ run: setup cni-config
 	exec $(CRIOPY) run
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/clients
+
+# crio-py checked with crictl and a standalone kubelet; needs root and both binaries.
+test-clients: setup
+	@for binary in "$(CRICTL)" "$(KUBELET)"; do \
+		if [ ! -x "$$binary" ]; then \
+			echo "test-clients: $$binary is missing or not executable; set CRICTL=... and KUBELET=... to the crictl and kubelet binaries" >&2; \
+			exit 2; \
+		fi; \
+	done
+	CRICTL="$(abspath $(CRICTL))" KUBELET="$(abspath $(KUBELET))" $(PY) -m pytest -q tests/clients
 
 bench: setup
 	$(PY) -m tests.bench
