@@ -256,3 +256,21 @@ def test_pull_interrupted_by_killing_imaged_is_repeated(image_stack: Stack, regi
     assert status(image_stack, pushed.ref).image.id == pushed.config_digest
     tmp = image_stack.dirs.root / "imaged" / "blobs" / "tmp"
     assert list(tmp.iterdir()) == []
+
+
+def test_pull_past_its_deadline_is_deadline_exceeded(image_stack: Stack, registries) -> None:
+    hostile = registries[2]
+    pushed = hostile.serve_image("e2e/slow", "latest", images.Image([images.busybox_layer()]))
+    hostile.routes[f"/v2/e2e/slow/manifests/latest"].delay = 5.0
+    request = api_pb2.PullImageRequest(image=spec(pushed.ref))
+    log_start = len(image_stack.logs())
+    # Very short deadlines (the CRI validation suite's) and one long enough for crio-py to answer itself.
+    for timeout in (0.001, 0.05, 0.5) * 3:
+        with pytest.raises(grpc.RpcError) as e:
+            image_stack.images.PullImage(request, timeout=timeout)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (timeout, e.value.details())
+    answered = [json.loads(line) for line in image_stack.logs()[log_start:].splitlines()
+                if '"cri_call_failed"' in line and "PullImage" in line]
+    # crio-py's own answers (those that beat the client's timer) say DEADLINE_EXCEEDED too, and what was waited on.
+    assert answered and {a["code"] for a in answered} == {"DEADLINE_EXCEEDED"}, answered
+    assert all("imaged.pull" in a["error"] for a in answered)
