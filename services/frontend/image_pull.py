@@ -19,8 +19,10 @@ async def pull_image(request: api_pb2.PullImageRequest, call: CallContext) -> ap
     # A failed unpack leaves the record not ready (unlisted) and its verified
     # blobs in place: there is nothing to undo, and a repeated pull resumes.
     unpacked = await call.daemon("storaged", "unpack", layers=pulled["layers"])
-    if unpacked.get("top_layer"):
-        await call.daemon("imaged", "set_top_layer", image_id=image_id, top_layer=unpacked["top_layer"])
+    # The image's size is its layers as unpacked: storaged measured them, imaged keeps the record.
+    await call.daemon("imaged", "set_top_layer", image_id=image_id, top_layer=unpacked.get("top_layer"),
+                      unpacked_size=unpacked["unpacked_size"])
     await call.daemon("imaged", "mark_ready", image_id=image_id)
-    log.info("image_pulled", image=reference, image_id=image_id, layers=len(pulled["layers"]))
+    log.info("image_pulled", image=reference, image_id=image_id, layers=len(pulled["layers"]),
+             unpacked_size=unpacked["unpacked_size"])
     return api_pb2.PullImageResponse(image_ref=image_id)

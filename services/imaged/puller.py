@@ -169,6 +169,8 @@ class Puller:
             "manifest_digest": manifest_digest,
             "manifest_media_type": manifest.media_type,
             "size": manifest.config.size + sum(d.size for d in manifest.layers),
+            # What CRI-O counts besides the layers: the image's config and manifests.
+            "meta_size": manifest.config.size + sum(len(b) for b in meta_blobs.values()),
             "config": config,
             "layers": layers,
             "blobs": [*meta_blobs, manifest.config.digest],
