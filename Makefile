@@ -10,9 +10,10 @@ CNI_CONF_DIR ?= /etc/cni/net.d
 
 # Real parts: the OCI runtime, the container monitor, CNI plugins, busybox for
 # test images, a registry, the tools netd and runtimed call, and the pause-like
-# init of pods that share a PID namespace; skopeo is the pull benchmark's yardstick; criu checkpoints containers.
+# init of pods that share a PID namespace; skopeo is the pull benchmark's yardstick; criu checkpoints containers;
+# prometheus (with promtool) scrapes and checks the metrics endpoint in the tests.
 DEBIAN_PACKAGES := runc conmon containernetworking-plugins busybox-static docker-registry \
-	iproute2 iptables mount catatonit libcap2-bin kmod python3-venv skopeo criu
+	iproute2 iptables mount catatonit libcap2-bin kmod python3-venv skopeo criu prometheus
 
 # Real Kubernetes clients for `make test-clients` (not part of `make test`).
 CRICTL ?= ../shared/tools/crictl

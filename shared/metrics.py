@@ -6,13 +6,32 @@ sample with its `service` and serves them as one page. One endpoint covers the
 five processes (and storaged, which has no network at all, can still be
 scraped), and a daemon that is down shows as `criopy_service_up 0`.
 
-Metric names follow Prometheus conventions and CRI-O's where one exists
-(`crio_operations_total` becomes `criopy_operations_total`).
+Two sets of families live here:
+
+- crio-py's own (`criopy_*`), with the labels crio-py finds useful
+  (`operation` and `code`, `daemon`...).
+- CRI-O's (`container_runtime_crio_*`), with CRI-O's names, types, help,
+  labels and buckets, so that dashboards and alerts written for CRI-O read
+  crio-py unchanged. Each is filled by the one process that has its meaning
+  (`CRIO_OWNERS`); the merged page takes it from that process alone and
+  leaves out the `service` label, so its series look exactly like CRI-O's.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import threading
+import time
+from collections import deque
+from typing import TypeVar
+
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import Metric
+
+# CRI-O exports no `_created` series; neither do we, for its families or ours.
+prometheus_client.disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_cpu_seconds_total...
@@ -57,5 +76,209 @@ CNI_CALL_LATENCY = Histogram(
     ["plugin", "command"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 
 
+# -- CRI-O's families ----------------------------------------------------------------
+
+CRIO_PREFIX = "container_runtime_crio_"
+# Family name (as a parsed exposition page names it) -> the one service that fills it.
+CRIO_OWNERS: dict[str, str] = {}
+
+
+class _WindowSummary:
+    """A summary with quantiles, as CRI-O's Go client computes them: over the last ten minutes.
+
+    prometheus_client's Summary has no quantiles. This keeps each label
+    value's recent observations (at most `keep`, none older than `max_age`)
+    and ranks them when scraped; count and sum cover every observation.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, quantiles: tuple[float, ...],
+                 max_age: float = 600.0, keep: int = 1000) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.quantiles = quantiles
+        self.max_age = max_age
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._series: dict[str, tuple[deque[tuple[float, float]], list[float]]] = {}
+
+    def observe(self, label_value: str, value: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            window, totals = self._series.setdefault(label_value, (deque(maxlen=self.keep), [0.0, 0.0]))
+            window.append((now, value))
+            totals[0] += 1
+            totals[1] += value
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, "summary")]
+
+    def collect(self) -> list[Metric]:
+        family = Metric(self.name, self.documentation, "summary")
+        oldest = time.monotonic() - self.max_age
+        with self._lock:
+            for label_value, (window, (count, total)) in sorted(self._series.items()):
+                while window and window[0][0] < oldest:
+                    window.popleft()
+                ranked = sorted(v for _, v in window)
+                for q in self.quantiles:
+                    value = ranked[max(0, math.ceil(q * len(ranked)) - 1)] if ranked else math.nan
+                    family.add_sample(self.name, {self.label: label_value, "quantile": str(q)}, value)
+                family.add_sample(f"{self.name}_sum", {self.label: label_value}, total)
+                family.add_sample(f"{self.name}_count", {self.label: label_value}, count)
+        return [family]
+
+
+C = TypeVar("C", Counter, Gauge, Histogram, _WindowSummary)
+
+
+def _crio(owner: str, collector: C) -> C:
+    if isinstance(collector, _WindowSummary):
+        REGISTRY.register(collector)  # type: ignore[arg-type]
+    for family in collector.describe():
+        CRIO_OWNERS[family.name] = owner
+    return collector
+
+
+# frontend: CRI operations, as CRI-O's gRPC interceptor counts them.
+CRIO_OPERATIONS = _crio("frontend", Counter(
+    CRIO_PREFIX + "operations_total", "Cumulative number of CRI-O operations by operation type.",
+    ["operation"], registry=REGISTRY))
+CRIO_OPERATIONS_ERRORS = _crio("frontend", Counter(
+    CRIO_PREFIX + "operations_errors_total", "Cumulative number of CRI-O operation errors by operation type.",
+    ["operation"], registry=REGISTRY))
+CRIO_OPERATIONS_LATENCY = _crio("frontend", Gauge(
+    CRIO_PREFIX + "operations_latency_seconds",
+    "Latency in seconds of individual CRI calls for CRI-O operations. Broken down by operation type.",
+    ["operation"], registry=REGISTRY))
+CRIO_OPERATIONS_LATENCY_TOTAL = _crio("frontend", _WindowSummary(
+    CRIO_PREFIX + "operations_latency_seconds_total",
+    "Latency in seconds of CRI-O operations. Broken down by operation type.",
+    "operation", (0.5, 0.9, 0.99)))
+
+# frontend: a pull succeeds or fails as a whole CRI call (fetch, unpack, record).
+CRIO_IMAGE_PULLS_SUCCESS = _crio("frontend", Counter(
+    CRIO_PREFIX + "image_pulls_success_total", "Cumulative number of CRI-O image pull successes.",
+    registry=REGISTRY))
+CRIO_IMAGE_PULLS_FAILURE = _crio("frontend", Counter(
+    CRIO_PREFIX + "image_pulls_failure_total", "Cumulative number of CRI-O image pull failures by error.",
+    ["error"], registry=REGISTRY))
+# frontend: its event hub drops events for a GetContainerEvents client that falls behind.
+CRIO_CONTAINERS_EVENTS_DROPPED = _crio("frontend", Counter(
+    CRIO_PREFIX + "containers_events_dropped_total", "Amount of container events dropped", registry=REGISTRY))
+
+# imaged: what is downloaded, and what is not because the store has it.
+CRIO_IMAGE_PULLS_BYTES = _crio("imaged", Counter(
+    CRIO_PREFIX + "image_pulls_bytes_total", "Bytes transferred by CRI-O image pulls",
+    ["mediatype", "size"], registry=REGISTRY))
+CRIO_IMAGE_PULLS_SKIPPED_BYTES = _crio("imaged", Counter(
+    CRIO_PREFIX + "image_pulls_skipped_bytes_total", "Bytes skipped by CRI-O image pulls",
+    ["size"], registry=REGISTRY))
+CRIO_IMAGE_PULLS_LAYER_SIZE = _crio("imaged", Histogram(
+    CRIO_PREFIX + "image_pulls_layer_size", "Bytes transferred by CRI-O image pulls per layer",
+    buckets=(1e3, 1e6, 1e7, 5e7, 1e8, 2e8, 3e8, 4e8, 5e8, 1e9, 1e10), registry=REGISTRY))
+CRIO_IMAGE_LAYER_REUSE = _crio("imaged", Counter(
+    CRIO_PREFIX + "image_layer_reuse_total", "Reused (not pulled) local image layer count by name",
+    ["name"], registry=REGISTRY))
+
+# runtimed: OOM kills, in all and by container name (the name's series goes with the container).
+CRIO_CONTAINERS_OOM = _crio("runtimed", Counter(
+    CRIO_PREFIX + "containers_oom_total", "Amount of containers killed because they ran out of memory (OOM)",
+    registry=REGISTRY))
+CRIO_CONTAINERS_OOM_COUNT = _crio("runtimed", Counter(
+    CRIO_PREFIX + "containers_oom_count_total",
+    "Amount of containers killed because they ran out of memory (OOM) by their name",
+    ["name"], registry=REGISTRY))
+
+# Computed by the frontend's endpoint on each scrape (a walk of /proc), not kept in a registry.
+CRIO_PROCESSES_DEFUNCT = (CRIO_PREFIX + "processes_defunct", "Total number of defunct processes in the node")
+
+
+def observe_operation(operation: str, code: str, seconds: float) -> None:
+    """A CRI call answered with `code` ("OK" or a gRPC code name) after `seconds`."""
+    OPERATIONS.labels(operation, code).inc()
+    OPERATION_LATENCY.labels(operation).observe(seconds)
+    CRIO_OPERATIONS.labels(operation).inc()
+    CRIO_OPERATIONS_LATENCY.labels(operation).set(seconds)
+    CRIO_OPERATIONS_LATENCY_TOTAL.observe(operation, seconds)
+    if code != "OK":
+        CRIO_OPERATIONS_ERRORS.labels(operation).inc()
+
+
+_SIZE_BUCKETS = ((10e9, ">10 GiB"), (1e9, ">1 GiB"), (500e6, ">500 MiB"), (400e6, ">400 MiB"),
+                 (300e6, ">300 MiB"), (200e6, ">200 MiB"), (100e6, ">100 MiB"), (50e6, ">50 MiB"),
+                 (10e6, ">10 MiB"), (1e6, ">1 MiB"), (1e3, ">1 KiB"))
+
+
+def size_bucket(size: float) -> str:
+    """CRI-O's `size` label: the largest of its thresholds that `size` exceeds (names as CRI-O spells them)."""
+    return next((name for limit, name in _SIZE_BUCKETS if size > limit), ">0 B")
+
+
+def blob_downloaded(media_type: str, size: int) -> None:
+    IMAGE_PULL_BYTES.inc(size)
+    CRIO_IMAGE_PULLS_BYTES.labels(media_type, size_bucket(size)).inc(size)
+    CRIO_IMAGE_PULLS_LAYER_SIZE.observe(size)
+
+
+def layer_reused(image: str, digest: str, size: int) -> None:
+    CRIO_IMAGE_LAYER_REUSE.labels(f"{image}@{digest}").inc()
+    CRIO_IMAGE_PULLS_SKIPPED_BYTES.labels(size_bucket(size)).inc(size)
+
+
+def image_pull_failure_reason(code: str, message: str) -> str:
+    """CRI-O's `error` label for a failed pull: the registry's error code where one is known.
+
+    Like CRI-O, it reads the error's message; only phrases with spaces or
+    capitals are looked for, which no image reference can hold.
+    """
+    if code == "UNAUTHENTICATED":
+        return "UNAUTHORIZED"
+    if code == "PERMISSION_DENIED":
+        return "DENIED"
+    if "HTTP 429" in message:
+        return "TOOMANYREQUESTS"
+    if "Connection refused" in message or "connection refused" in message:
+        return "CONNECTION_REFUSED"
+    if "timed out" in message or "Timeout:" in message:
+        return "CONNECTION_TIMEOUT"
+    if code == "NOT_FOUND":
+        if ": manifest " in message:
+            return "MANIFEST_UNKNOWN"
+        return "BLOB_UNKNOWN" if ": layer " in message or ": config " in message else "NOT_FOUND"
+    return "UNKNOWN"
+
+
+def container_oom_killed(name: str) -> None:
+    OOM_KILLS.inc()
+    CRIO_CONTAINERS_OOM.inc()
+    CRIO_CONTAINERS_OOM_COUNT.labels(name).inc()
+
+
+def container_removed(name: str) -> None:
+    """A removed container's OOM series goes too, as in CRI-O (it keeps the label set small)."""
+    try:
+        CRIO_CONTAINERS_OOM_COUNT.remove(name)
+    except KeyError:
+        pass
+
+
 def exposition() -> str:
     return generate_latest(REGISTRY).decode()
+
+
+def defunct_processes(proc: str = "/proc") -> int:
+    """Zombie processes on the node: those whose state in /proc/<pid>/stat is Z. Blocks; run it in a thread."""
+    count = 0
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # The state follows the command name, which is in parentheses and may hold any byte.
+        if stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"Z":
+            count += 1
+    return count

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 import zmq.asyncio
 
+from shared import metrics
 from shared.bus.events import EventSubscriber
 from shared.config import Config
 
@@ -50,6 +51,8 @@ class EventHub:
                     self._clients.discard(queue)
                     queue.get_nowait()  # make room for the verdict
                     queue.put_nowait(SlowClient())
+                    # This event and the one given up for the verdict never reach that client.
+                    metrics.CRIO_CONTAINERS_EVENTS_DROPPED.inc(2)
                     log.warning("event_client_dropped", reason="queue full")
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any] | SlowClient]:

@@ -1,13 +1,17 @@
-"""Converters between the CRI image messages and imaged's records."""
+"""Converters between the CRI image messages and imaged's records, and the records' sizes."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import structlog
 from cri_api.v1 import api_pb2
 
-from shared.errors import InvalidArgument
+from services.frontend.registry import CallContext
+from shared.errors import CriopyError, InvalidArgument
+
+log = structlog.get_logger(__name__)
 
 
 def image_reference(spec: api_pb2.ImageSpec, what: str = "image") -> str:
@@ -22,6 +26,29 @@ def auth_params(auth: api_pb2.AuthConfig) -> dict[str, str] | None:
               ("username", "password", "auth", "server_address", "identity_token", "registry_token")}
     fields = {k: v for k, v in fields.items() if v}
     return fields or None
+
+
+async def complete_sizes(call: CallContext, records: list[dict[str, Any]]) -> None:
+    """Give records that lack their layers' uncompressed size (pulled before it was kept) that size.
+
+    storaged measures the stacks in one call and imaged records each size, so
+    this happens once per image; until it succeeds, imaged's stand-in stays.
+    """
+    missing: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record.get("unpacked_size") is None and record.get("top_layer"):
+            missing.setdefault(record["top_layer"], []).append(record)
+    if not missing:
+        return
+    try:
+        sizes = await call.daemon("storaged", "unpacked_sizes", top_layers=sorted(missing))
+        for top_layer, unpacked_size in sizes.items():
+            for record in missing.get(top_layer, []):
+                stored = await call.daemon("imaged", "set_top_layer", image_id=record["id"],
+                                           top_layer=top_layer, unpacked_size=unpacked_size)
+                record.update(size=stored["size"], unpacked_size=unpacked_size)
+    except CriopyError as e:
+        log.warning("image_sizes_not_completed", images=sum(map(len, missing.values())), error=e.message)
 
 
 def _user(user: str) -> tuple[int | None, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cri_api.v1 import api_pb2
 
-from services.frontend.image_convert import to_image
+from services.frontend.image_convert import complete_sizes, to_image
 from services.frontend.registry import CallContext, cri_method
 
 
@@ -12,4 +12,5 @@ from services.frontend.registry import CallContext, cri_method
 async def list_images(request: api_pb2.ListImagesRequest, call: CallContext) -> api_pb2.ListImagesResponse:
     reference = request.filter.image.image if request.HasField("filter") else ""
     records = await call.daemon("imaged", "list_images", reference=reference or None)
+    await complete_sizes(call, records)
     return api_pb2.ListImagesResponse(images=[to_image(r) for r in records])

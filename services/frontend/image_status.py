@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cri_api.v1 import api_pb2
 
-from services.frontend.image_convert import image_reference, to_image, verbose_info
+from services.frontend.image_convert import complete_sizes, image_reference, to_image, verbose_info
 from services.frontend.registry import CallContext, cri_method
 
 
@@ -14,6 +14,7 @@ async def image_status(request: api_pb2.ImageStatusRequest, call: CallContext) -
                                verbose=request.verbose)
     if record is None:
         return api_pb2.ImageStatusResponse()
+    await complete_sizes(call, [record])
     response = api_pb2.ImageStatusResponse(image=to_image(record))
     if request.verbose:
         response.info.update(verbose_info(record))

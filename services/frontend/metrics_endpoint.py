@@ -5,6 +5,11 @@ restart counts) for its metrics over the bus, labels each sample with the
 service it came from, and serves the merged families. A daemon that does not
 answer in time is reported as `criopy_service_up{service=...} 0` rather than
 failing the scrape.
+
+CRI-O's families (`container_runtime_crio_*`) are the exception: each is taken
+from the one service that fills it (`metrics.CRIO_OWNERS`) and keeps CRI-O's
+labels only, so that queries, recording rules and alerts written for CRI-O
+(including those that match label sets exactly) read crio-py unchanged.
 """
 
 from __future__ import annotations
@@ -37,16 +42,30 @@ class _Static:
 
 
 def merge(pages: dict[str, str]) -> list[Metric]:
-    """Merge exposition pages of several services, adding a `service` label to every sample."""
+    """Merge exposition pages of several services, adding a `service` label to every sample.
+
+    A CRI-O family comes from its owner alone, without the `service` label.
+    """
     merged: dict[str, Metric] = {}
     for service, text in pages.items():
         for family in text_string_to_metric_families(text):
+            owner = metrics.CRIO_OWNERS.get(family.name)
+            if owner is not None and owner != service:
+                continue  # the same family, never filled, in a process that does not own it
             target = merged.get(family.name)
             if target is None:
                 target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
             for sample in family.samples:
-                target.samples.append(sample._replace(labels={**sample.labels, "service": service}))
+                labels = sample.labels if owner else {**sample.labels, "service": service}
+                target.samples.append(sample._replace(labels=labels))
     return list(merged.values())
+
+
+def _defunct_processes() -> Metric:
+    name, documentation = metrics.CRIO_PROCESSES_DEFUNCT
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], metrics.defunct_processes())
+    return family
 
 
 class MetricsEndpoint:
@@ -86,7 +105,7 @@ class MetricsEndpoint:
         up.add_metric(["frontend"], 1)
         for name, text in results:
             up.add_metric([name], 0 if text is None else 1)
-        families: list[Metric] = [up, *merge(pages)]
+        families: list[Metric] = [up, *merge(pages), await asyncio.to_thread(_defunct_processes)]
         restarts = await self._restarts(timeout)
         if restarts is not None:
             families.append(restarts)

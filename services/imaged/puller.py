@@ -142,7 +142,7 @@ class Puller:
                 raise FailedPrecondition(f"{where}: index entry {desc.digest} is not an image manifest")
         manifest_digest = list(meta_blobs)[-1]
 
-        config_path = await self._blob(client, manifest.config.digest, manifest.config.size, "config")
+        config_path = await self._blob(client, manifest.config, "config")
         config = mf.image_config(await asyncio.to_thread(config_path.read_bytes), where)
         diff_ids = config.pop("diff_ids")
         if len(diff_ids) != len(manifest.layers):
@@ -152,7 +152,7 @@ class Puller:
 
         async def layer(d: mf.Descriptor) -> Path:
             async with limit:
-                return await self._blob(client, d.digest, d.size, "layer")
+                return await self._blob(client, d, "layer")
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -169,6 +169,8 @@ class Puller:
             "manifest_digest": manifest_digest,
             "manifest_media_type": manifest.media_type,
             "size": manifest.config.size + sum(d.size for d in manifest.layers),
+            # What CRI-O counts besides the layers: the image's config and manifests.
+            "meta_size": manifest.config.size + sum(len(b) for b in meta_blobs.values()),
             "config": config,
             "layers": layers,
             "blobs": [*meta_blobs, manifest.config.digest],
@@ -187,13 +189,16 @@ class Puller:
             "layers": [{**l, "path": str(p)} for l, p in zip(layers, paths)],
         }
 
-    async def _blob(self, client: RegistryClient, digest: str, size: int, what: str) -> Path:
+    async def _blob(self, client: RegistryClient, desc: mf.Descriptor, what: str) -> Path:
         """The stored blob, downloaded once however many pulls need it at the same time."""
+        digest, size = desc.digest, desc.size
         if await asyncio.to_thread(self.store.has, digest, size):
+            if what == "layer":
+                metrics.layer_reused(client.image, digest, size)
             return self.store.path(digest)
         task = self._blobs.get(digest)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self.store_blob(client, digest, size, what),
+            task = asyncio.get_running_loop().create_task(self.store_blob(client, desc, what),
                                                           name=f"blob {digest}")
             self._blobs[digest] = task
             task.add_done_callback(lambda t: self._forget_blob(digest, t))
@@ -216,7 +221,8 @@ class Puller:
         if self._blobs.get(digest) is task:
             del self._blobs[digest]
 
-    async def store_blob(self, client: RegistryClient, digest: str, size: int, what: str) -> Path:
+    async def store_blob(self, client: RegistryClient, desc: mf.Descriptor, what: str) -> Path:
+        digest, size = desc.digest, desc.size
         if self.store.has(digest, size):
             return self.store.path(digest)
         self.store.remove(digest)  # a stored blob of the wrong size is damaged
@@ -224,5 +230,5 @@ class Puller:
                 f"download {what}", attributes={"criopy.blob.digest": digest, "criopy.blob.bytes": size,
                                                 "criopy.image": client.image}):
             path = await client.fetch_blob(self.store, digest, size, what)
-        metrics.IMAGE_PULL_BYTES.inc(size)
+        metrics.blob_downloaded(desc.media_type, size)
         return path

@@ -1,5 +1,10 @@
 """Image records in SQLite (WAL): one row per image (id = config digest) and its names.
 
+An image's sizes: `size`, what its blobs take to download (config and
+compressed layers); `meta_size`, the bytes of its config and manifests; and
+`unpacked_size`, its layers uncompressed, as storaged measured them when it
+unpacked them (empty until then, and for images pulled before it was kept).
+
 A name is a repo tag (`docker.io/library/busybox:latest`) or a repo digest
 (`docker.io/library/busybox@sha256:...`); each names one image, so pulling
 a tag that moved re-points the tag. Methods are synchronous and quick; the
@@ -21,6 +26,8 @@ CREATE TABLE IF NOT EXISTS images (
     manifest_digest TEXT NOT NULL,
     manifest_media_type TEXT NOT NULL,
     size INTEGER NOT NULL,
+    meta_size INTEGER,
+    unpacked_size INTEGER,
     config TEXT NOT NULL,
     layers TEXT NOT NULL,
     blobs TEXT NOT NULL,
@@ -36,6 +43,8 @@ CREATE TABLE IF NOT EXISTS names (
 );
 CREATE INDEX IF NOT EXISTS names_by_image ON names(image_id);
 """
+# Columns added since the first schema: a database from before gets them, empty.
+ADDED_COLUMNS = {"meta_size": "INTEGER", "unpacked_size": "INTEGER"}
 
 
 class ImageRecords:
@@ -48,6 +57,10 @@ class ImageRecords:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(images)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -61,6 +74,8 @@ class ImageRecords:
             "repo_tags": [n["name"] for n in names if n["kind"] == "tag"],
             "repo_digests": [n["name"] for n in names if n["kind"] == "digest"],
             "size": row["size"],
+            "meta_size": row["meta_size"],
+            "unpacked_size": row["unpacked_size"],
             "pinned": bool(row["pinned"]),
             "ready": bool(row["ready"]),
             "top_layer": row["top_layer"],
@@ -79,14 +94,14 @@ class ImageRecords:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(
-                    "INSERT INTO images (id, manifest_digest, manifest_media_type, size, config, layers, blobs,"
-                    " pinned, pulled_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    "INSERT INTO images (id, manifest_digest, manifest_media_type, size, meta_size, config, layers,"
+                    " blobs, pinned, pulled_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT(id) DO UPDATE SET pinned = max(pinned, excluded.pinned),"
-                    " pulled_ns = excluded.pulled_ns, blobs = ("
+                    " pulled_ns = excluded.pulled_ns, meta_size = excluded.meta_size, blobs = ("
                     "   SELECT json_group_array(DISTINCT value) FROM ("
                     "     SELECT value FROM json_each(images.blobs) UNION SELECT value FROM json_each(excluded.blobs)))",
                     (image["id"], image["manifest_digest"], image["manifest_media_type"], image["size"],
-                     json.dumps(image["config"]), json.dumps(image["layers"]), json.dumps(image["blobs"]),
+                     image.get("meta_size"), json.dumps(image["config"]), json.dumps(image["layers"]), json.dumps(image["blobs"]),
                      int(image.get("pinned", False)), time.time_ns()))
                 for name, kind in names:
                     db.execute("INSERT INTO names (name, kind, image_id) VALUES (?, ?, ?)"
@@ -122,7 +137,7 @@ class ImageRecords:
             return [self._record(r) for r in self._db.execute(sql).fetchall()]
 
     def update(self, image_id: str, **fields: Any) -> bool:
-        allowed = {"ready", "top_layer", "pinned"}
+        allowed = {"ready", "top_layer", "pinned", "unpacked_size"}
         assert set(fields) <= allowed
         with self._lock:
             sets = ", ".join(f"{k} = ?" for k in fields)

@@ -28,13 +28,28 @@ MIN_ID_PREFIX = 12
 _ID_PREFIX_RE = re.compile(r"^(?:sha256:)?([a-f0-9]{%d,64})$" % MIN_ID_PREFIX)
 
 
+def image_size(record: dict[str, Any]) -> int:
+    """The size CRI-O reports: config and manifests plus the layers uncompressed.
+
+    Until storaged's measure is recorded (and for images pulled before it was
+    kept), the download size stands in.
+    """
+    if record["unpacked_size"] is None:
+        return record["size"]
+    meta = record["meta_size"]
+    if meta is None:  # recorded before meta sizes were kept: the config is what is known
+        meta = record["size"] - sum(layer["size"] for layer in record["layers"])
+    return meta + record["unpacked_size"]
+
+
 def _public(record: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
     config = dict(record["config"])
     out = {
         "id": record["id"],
         "repo_tags": record["repo_tags"],
         "repo_digests": record["repo_digests"],
-        "size": record["size"],
+        "size": image_size(record),
+        "unpacked_size": record["unpacked_size"],
         "pinned": record["pinned"],
         "top_layer": record["top_layer"],
         "created": config.pop("created", ""),
@@ -196,11 +211,19 @@ class Imaged(Service):
         return {"image_id": image_id, "ready": True}
 
     @method(idempotent=True)
-    async def set_top_layer(self, image_id: str, top_layer: str) -> dict:
+    async def set_top_layer(self, image_id: str, top_layer: str | None,
+                            unpacked_size: int | None = None) -> dict:
+        """Record where storaged unpacked the image, and its layers' uncompressed size; returns its size."""
         assert self.records is not None
-        if not await asyncio.to_thread(self.records.update, image_id, top_layer=top_layer):
+        if unpacked_size is not None and (not isinstance(unpacked_size, int) or unpacked_size < 0):
+            raise InvalidArgument(f"unpacked_size must be a count of bytes, not {unpacked_size!r:.50}")
+        fields: dict[str, Any] = {"top_layer": top_layer}
+        if unpacked_size is not None:
+            fields["unpacked_size"] = unpacked_size
+        if not await asyncio.to_thread(self.records.update, image_id, **fields):
             raise NotFound(f"image {image_id} not found")
-        return {"image_id": image_id, "top_layer": top_layer}
+        record = await asyncio.to_thread(self.records.get, image_id)
+        return {"image_id": image_id, "top_layer": top_layer, "size": image_size(record) if record else None}
 
     @method(idempotent=True)
     async def image_status(self, reference: str, verbose: bool = False) -> dict | None:

@@ -54,8 +54,13 @@ def _selected(entry: dict[str, Any], want_state: str | None, selector: dict[str,
 
 
 def _count_oom_kills(event: dict[str, Any]) -> None:
-    if event["kind"] == "container" and event["event"] == "oom":
-        metrics.OOM_KILLS.inc()
+    """OOM kills in the metrics; a removed container's own series goes with it."""
+    if event["kind"] != "container":
+        return
+    if event["event"] == "oom":
+        metrics.container_oom_killed(event.get("name", ""))
+    elif event["event"] == "removed" and event.get("name"):
+        metrics.container_removed(event["name"])
 
 
 _SANDBOX_STATES = {"ready": "SANDBOX_READY", "notready": "SANDBOX_NOTREADY"}
@@ -964,7 +969,7 @@ class Runtimed(Service):
         await self._save_container(rec)
         log.info("container_exited", container_id=rec["id"], exit_code=code, reason=reason)
         if oom:
-            self.events.emit("container", "oom", rec["id"], rec["sandbox_id"])
+            self.events.emit("container", "oom", rec["id"], rec["sandbox_id"], name=rec["name"])
         self.events.emit("container", "exited", rec["id"], rec["sandbox_id"], exit_code=code)
 
     async def _watch_exits(self) -> None:
@@ -1060,7 +1065,7 @@ class Runtimed(Service):
         await self._wait_conmon_gone(rec.get("conmon_pid"), rec.get("conmon_start"))
         self._cleanup_container_files(rec)
         await self._forget("containers", rec)
-        self.events.emit("container", "removed", rec["id"], rec["sandbox_id"])
+        self.events.emit("container", "removed", rec["id"], rec["sandbox_id"], name=rec["name"])
         log.info("container_removed", container_id=rec["id"])
 
     def _container_entry(self, rec: dict[str, Any]) -> dict[str, Any]:

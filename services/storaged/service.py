@@ -103,7 +103,7 @@ class Storaged(Service):
 
     @method(idempotent=True)
     async def unpack(self, layers: list[dict]) -> dict[str, Any]:
-        """Unpack layer blobs (bottom first) into the store; returns their chain ids."""
+        """Unpack layer blobs (bottom first) into the store; returns their chain ids and uncompressed sizes."""
         if not isinstance(layers, list):
             raise InvalidArgument("layers must be a list")
         specs = [_layer_spec(i, layer) for i, layer in enumerate(layers)]
@@ -122,7 +122,9 @@ class Storaged(Service):
                 self._pins[cid] -= 1
                 if not self._pins[cid]:
                     del self._pins[cid]
-        return {"chain_ids": chain, "top_layer": chain[-1] if chain else None}
+        sizes = [self._records[cid].tar_size for cid in chain]
+        return {"chain_ids": chain, "top_layer": chain[-1] if chain else None,
+                "layer_sizes": sizes, "unpacked_size": sum(sizes)}
 
     async def _ensure_layer(self, chain_id: str, parent: str | None, spec: dict) -> None:
         """Unpack one layer unless it is there; concurrent requests share the work."""
@@ -160,6 +162,23 @@ class Storaged(Service):
         """A layer's record, or None when it is not in the store."""
         record = self._records.get(check_digest(chain_id, "chain_id"))
         return record.to_wire() if record else None
+
+    @method(idempotent=True)
+    async def unpacked_sizes(self, top_layers: list[str]) -> dict[str, int]:
+        """{top layer: bytes of its stack's uncompressed layers} for the stacks that are all in the store.
+
+        A layer's size is that of its uncompressed tar, as containers/storage
+        counts a layer's UncompressedSize, which CRI-O adds up for an image's size.
+        """
+        if not isinstance(top_layers, list):
+            raise InvalidArgument("top_layers must be a list")
+        sizes = {}
+        for top in top_layers:
+            try:
+                sizes[top] = sum(r.tar_size for r in LayerStore.chain(self._records, check_digest(top, "top layer")))
+            except NotFound:
+                continue
+        return sizes
 
     @method(idempotent=True)
     async def list_layers(self) -> list[dict[str, Any]]:

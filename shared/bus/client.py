@@ -5,7 +5,15 @@ for a daemon that is not connected (ZMQ_IMMEDIATE), so such a request fails at
 once and is retried; a socket monitor notices a daemon that goes away mid-call
 and fails its pending requests. Idempotent methods are retried with backoff
 until the caller's deadline; a non-idempotent one is retried only when it was
-never delivered. When the deadline passes the caller gets UNAVAILABLE.
+never delivered.
+
+When the caller's deadline passes, the answer is DEADLINE_EXCEEDED, whatever
+the call was waiting on: a slow daemon, a daemon that is down or restarting
+(its message says so), or a retriable error the daemon kept answering. The
+kubelet then sees the same code it would from CRI-O, and from its own timer.
+UNAVAILABLE is the answer only when the client gives up before the deadline:
+a non-idempotent call whose daemon went away after receiving it (its outcome
+is unknown, so it must not be repeated), or a closed client.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from zmq.utils.monitor import parse_monitor_message
 from shared import metrics, tracing
 from shared.bus.envelope import MalformedMessage, Request, decode_reply
 from shared.bus.service import MethodSpec
-from shared.errors import CriopyError, Unavailable
+from shared.errors import CriopyError, DeadlineExceeded, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -139,10 +147,15 @@ class BusClient:
 
     async def _call_with_retries(self, method: str, params: dict[str, Any], deadline: float,
                                  idempotent: bool) -> Any:
+        # Why the last attempt failed in a way worth retrying: what the call was waiting on.
+        waiting_on: list[str] = []
+
         def retriable(error: BaseException) -> bool:
-            if isinstance(error, _NotDelivered):
-                return True
-            return idempotent and isinstance(error, CriopyError) and error.retriable
+            worth = isinstance(error, _NotDelivered) or (
+                idempotent and isinstance(error, CriopyError) and error.retriable)
+            if worth:
+                waiting_on[:] = [error.message]  # type: ignore[attr-defined]
+            return worth
 
         def wait(state: Any) -> float:
             return max(0.0, min(self._retry_wait(state), deadline - time.time()))
@@ -160,14 +173,16 @@ class BusClient:
                     with attempt:
                         span.set_attribute("criopy.bus.attempts", next(attempts))
                         return await self._attempt(method, params, deadline)
-            except (_NotDelivered, _NoAnswer, _ConnectionLost) as e:
+            except CriopyError as e:
                 if isinstance(e, _ConnectionLost) and not idempotent:
                     raise Unavailable(
                         f"{self.service} went away while serving {method}, which is not safe to retry; "
                         "its outcome is unknown", retriable=False) from None
-                raise Unavailable(
-                    f"{self.service} is unavailable: no answer to {method} before the deadline ({e.message})",
-                    retriable=False) from None
+                if isinstance(e, _NoAnswer) or (time.time() >= deadline and retriable(e)):
+                    reason = waiting_on[0] if waiting_on else e.message
+                    raise DeadlineExceeded(
+                        f"{self.service}.{method} did not complete before the caller's deadline: {reason}") from None
+                raise
         raise AssertionError("unreachable")
 
     async def _attempt(self, method: str, params: dict[str, Any], deadline: float) -> Any:
@@ -185,12 +200,12 @@ class BusClient:
             try:
                 await self._socket.send(payload, flags=zmq.NOBLOCK)
             except zmq.Again:
-                raise _NotDelivered(f"{self.service} is not connected") from None
+                raise _NotDelivered(f"{self.service} is not connected (down or restarting)") from None
             try:
                 async with asyncio.timeout(remaining):
                     reply = await future
             except TimeoutError:
-                raise _NoAnswer(f"{self.service} did not answer {method} in time", retriable=False) from None
+                raise _NoAnswer(f"{self.service} did not answer in time", retriable=False) from None
         finally:
             self._pending.pop(request.id, None)
         if reply.error is not None:

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Iterator
@@ -107,7 +108,8 @@ def test_pull_list_status_of_a_single_layer_image(image_stack: Stack, catalog: C
     found = [i for i in listed(image_stack) if i.id == img.config_digest]
     assert len(found) == 1
     assert img.ref in found[0].repo_tags and img.digest_ref in found[0].repo_digests
-    assert found[0].size == img.size
+    built = images.Image([images.busybox_layer()])
+    assert found[0].size == len(built.config_bytes()) + len(built.manifest_bytes()) + len(built.layers[0].tar)
 
     st = status(image_stack, img.ref, verbose=True)
     assert st.image.id == img.config_digest
@@ -256,3 +258,54 @@ def test_pull_interrupted_by_killing_imaged_is_repeated(image_stack: Stack, regi
     assert status(image_stack, pushed.ref).image.id == pushed.config_digest
     tmp = image_stack.dirs.root / "imaged" / "blobs" / "tmp"
     assert list(tmp.iterdir()) == []
+
+
+def test_size_is_the_layers_unpacked_not_the_blobs_downloaded(image_stack: Stack, registries) -> None:
+    # A megabyte of zeros compresses to about a kilobyte: sizes that cannot be mistaken for each other.
+    zeros = images.Layer(images.build_tar([images.dir_entry("data"), images.file_entry("data/zeros", bytes(4 << 20))]))
+    image = images.Image([images.busybox_layer(), zeros])
+    pushed = images.push_image(registries[0], "e2e/compressible", "latest", image)
+    assert len(zeros.blob) < len(zeros.tar) // 100
+    pull(image_stack, pushed.ref)
+
+    # What storaged measured when it unpacked the layers (each layer's uncompressed tar).
+    layers_dir = image_stack.dirs.root / "storaged" / "layers"
+    measured = {json.loads(p.read_text())["diff_id"]: json.loads(p.read_text())["tar_size"]
+                for p in layers_dir.glob("*/layer.json")}
+    assert [measured[d] for d in pushed.diff_ids] == [len(l.tar) for l in image.layers]
+    # CRI-O's size: config and manifest, and the layers as unpacked; nothing like the blobs' size.
+    expected = len(image.config_bytes()) + len(image.manifest_bytes()) + sum(measured[d] for d in pushed.diff_ids)
+    assert status(image_stack, pushed.ref).image.size == expected
+    assert [i.size for i in listed(image_stack, pushed.ref)] == [expected]
+    assert expected > 4 * pushed.size
+
+    # An image recorded before sizes were kept gets its size from storaged when first asked, once.
+    db = sqlite3.connect(image_stack.dirs.root / "imaged" / "images.db")
+    try:
+        with db:
+            db.execute("UPDATE images SET meta_size = NULL, unpacked_size = NULL WHERE id = ?", (pushed.image_id,))
+        legacy = len(image.config_bytes()) + sum(measured[d] for d in pushed.diff_ids)
+        assert [i.size for i in listed(image_stack) if i.id == pushed.image_id] == [legacy]
+        assert db.execute("SELECT unpacked_size FROM images WHERE id = ?", (pushed.image_id,)).fetchone() == \
+            (sum(measured[d] for d in pushed.diff_ids),)
+        assert status(image_stack, pushed.ref).image.size == legacy
+    finally:
+        db.close()
+
+
+def test_pull_past_its_deadline_is_deadline_exceeded(image_stack: Stack, registries) -> None:
+    hostile = registries[2]
+    pushed = hostile.serve_image("e2e/slow", "latest", images.Image([images.busybox_layer()]))
+    hostile.routes[f"/v2/e2e/slow/manifests/latest"].delay = 5.0
+    request = api_pb2.PullImageRequest(image=spec(pushed.ref))
+    log_start = len(image_stack.logs())
+    # Very short deadlines (the CRI validation suite's) and one long enough for crio-py to answer itself.
+    for timeout in (0.001, 0.05, 0.5) * 3:
+        with pytest.raises(grpc.RpcError) as e:
+            image_stack.images.PullImage(request, timeout=timeout)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (timeout, e.value.details())
+    answered = [json.loads(line) for line in image_stack.logs()[log_start:].splitlines()
+                if '"cri_call_failed"' in line and "PullImage" in line]
+    # crio-py's own answers (those that beat the client's timer) say DEADLINE_EXCEEDED too, and what was waited on.
+    assert answered and {a["code"] for a in answered} == {"DEADLINE_EXCEEDED"}, answered
+    assert all("imaged.pull" in a["error"] for a in answered)

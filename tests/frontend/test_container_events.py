@@ -13,6 +13,7 @@ from cri_api.v1 import api_pb2
 
 from services.frontend import container_events, event_hub
 from services.frontend.event_hub import EventHub
+from shared import metrics
 from shared.bus.events import EventPublisher
 from shared.config import Config
 from shared.errors import ResourceExhausted
@@ -73,6 +74,7 @@ def test_bus_event_becomes_a_cri_event():
 
 async def test_two_clients_get_every_event_and_a_slow_one_is_dropped(hub_and_publisher):
     hub, publisher = hub_and_publisher
+    dropped = metrics.REGISTRY.get_sample_value("container_runtime_crio_containers_events_dropped_total")
     call = _Call(_Daemons(hub))
     fast = container_events.get_container_events(api_pb2.GetEventsRequest(), call)
     slow = container_events.get_container_events(api_pb2.GetEventsRequest(), call)
@@ -105,6 +107,8 @@ async def test_two_clients_get_every_event_and_a_slow_one_is_dropped(hub_and_pub
             late.append((await asyncio.wait_for(slow.__anext__(), 5)).container_id)
     assert 0 < len(late) < event_hub.CLIENT_QUEUE_SIZE and all(c in seen["fast"] for c in late)
     assert hub.client_count == 2
+    # Counted as CRI-O counts events it drops: the one that did not fit, and the one given up for the verdict.
+    assert metrics.REGISTRY.get_sample_value("container_runtime_crio_containers_events_dropped_total") == dropped + 2
     await fast.aclose()
     await fast2.aclose()
     assert hub.client_count == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from services.imaged.service import Imaged
-from shared.errors import FailedPrecondition, NotFound
+from services.imaged.records import ImageRecords
+from services.imaged.service import Imaged, image_size
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.imaged.conftest import imaged_config, stored_blobs, temp_files
 from tests.support import images
 
@@ -116,6 +119,56 @@ async def test_mark_ready_and_top_layer(make_imaged, registry, catalog):
         await imaged.mark_ready(image_id="sha256:" + "2" * 64)
     with pytest.raises(NotFound):
         await imaged.set_top_layer(image_id="sha256:" + "2" * 64, top_layer="x")
+
+
+async def test_size_is_the_layers_uncompressed_once_measured(make_imaged, registry, catalog):
+    imaged = await make_imaged(registry.host)
+    img = catalog.busybox
+    built = images.Image([images.busybox_layer()])
+    assert built.config_digest == img.config_digest
+    result = await pull_ready(imaged, img.ref)
+    # Until storaged's measure is recorded, the download size stands in.
+    assert (await imaged.image_status(reference=img.ref))["size"] == img.size
+    unpacked = len(images.busybox_layer_tar())
+    stored = await imaged.set_top_layer(image_id=result["image_id"], top_layer="sha256:" + "3" * 64,
+                                        unpacked_size=unpacked)
+    # Then CRI-O's sum: config and manifest, and the layers as unpacked.
+    expected = len(built.config_bytes()) + len(built.manifest_bytes()) + unpacked
+    assert stored["size"] == expected
+    assert (await imaged.image_status(reference=img.ref))["size"] == expected
+    assert [i["size"] for i in await imaged.list_images(reference=img.ref)] == [expected]
+    with pytest.raises(InvalidArgument):
+        await imaged.set_top_layer(image_id=result["image_id"], top_layer=None, unpacked_size=-1)
+
+
+OLD_SCHEMA = """
+CREATE TABLE images (id TEXT PRIMARY KEY, manifest_digest TEXT NOT NULL, manifest_media_type TEXT NOT NULL,
+    size INTEGER NOT NULL, config TEXT NOT NULL, layers TEXT NOT NULL, blobs TEXT NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0, ready INTEGER NOT NULL DEFAULT 0, top_layer TEXT, pulled_ns INTEGER NOT NULL);
+CREATE TABLE names (name TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('tag', 'digest')),
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE);
+"""
+
+
+def test_records_from_before_sizes_were_kept_get_a_sensible_size(tmp_path):
+    path = tmp_path / "images.db"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    layers = [{"digest": "sha256:" + "a" * 64, "diff_id": "sha256:" + "b" * 64, "media_type": "x", "size": 700}]
+    db.execute("INSERT INTO images VALUES (?, 'sha256:m', 'mt', ?, '{}', ?, '[]', 0, 1, 'sha256:top', 1)",
+               ("sha256:" + "1" * 64, 300 + 700, json.dumps(layers)))
+    db.commit()
+    db.close()
+    records = ImageRecords(path)
+    try:
+        record = records.get("sha256:" + "1" * 64)
+        assert record["meta_size"] is None and record["unpacked_size"] is None
+        assert image_size(record) == 1000  # not measured yet: the download size
+        records.update(record["id"], unpacked_size=5000)
+        # Measured: the config (what the old record knows besides the layers) and the layers unpacked.
+        assert image_size(records.get(record["id"])) == 300 + 5000
+    finally:
+        records.close()
 
 
 async def test_pause_image_is_pinned(make_imaged, registry, catalog):

@@ -144,7 +144,9 @@ def _sample(text: str, name: str) -> float:
 
 
 async def test_oom_killed(runtimed, cgroup_parent, rootfs):
-    kills_before = _sample(await runtimed.metrics(), "criopy_containers_oom_total")
+    before = await runtimed.metrics()
+    kills_before = _sample(before, "criopy_containers_oom_total")
+    crio_kills_before = _sample(before, "container_runtime_crio_containers_oom_total ")
     pod = await new_pod(runtimed, cgroup_parent)
     status, _ = await run_to_exit(runtimed, pod, rootfs, container_config(
         "hog", command=["sh", "-c", "x=AAAAAAAAAAAAAAAA; while true; do x=$x$x; done"],
@@ -155,6 +157,17 @@ async def test_oom_killed(runtimed, cgroup_parent, rootfs):
     assert _sample(page, "criopy_containers_oom_total") == kills_before + 1
     assert _sample(page, 'criopy_containers{state="exited"}') == 1
     assert _sample(page, 'criopy_pods{state="ready"}') == 1
+    # CRI-O's families: in all, and by the container's name (CRI-O's k8s_<container>_<pod>_... form).
+    cid = next(iter(runtimed.containers))
+    name = runtimed.containers[cid]["name"]
+    assert name.startswith("k8s_hog_pod_default_") and name.endswith("_0")
+    assert _sample(page, "container_runtime_crio_containers_oom_total ") == crio_kills_before + 1
+    assert _sample(page, f'container_runtime_crio_containers_oom_count_total{{name="{name}"}}') == 1
+    # The name's series goes with the container; the total stays.
+    await runtimed.remove_container(container_id=cid)
+    page = await runtimed.metrics()
+    assert f'name="{name}"' not in page
+    assert _sample(page, "container_runtime_crio_containers_oom_total ") == crio_kills_before + 1
 
 
 async def test_invalid_input(runtimed, cgroup_parent, rootfs):

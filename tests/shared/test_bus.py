@@ -1,4 +1,4 @@
-"""The bus: round trips, typed errors, hostile frames, deadlines, and a daemon that dies."""
+"""The bus: round trips, typed errors, hostile frames, deadlines, and a daemon that dies or is absent."""
 
 from __future__ import annotations
 
@@ -152,18 +152,38 @@ async def test_expired_deadline_on_arrival(server: BusServer, endpoint: str) -> 
     assert reply is not None and reply["error"]["code"] == "DEADLINE_EXCEEDED"
 
 
-async def test_slow_method_ends_at_the_deadline_as_unavailable(server: BusServer, client: BusClient) -> None:
+async def test_slow_method_ends_at_the_deadline_as_deadline_exceeded(server: BusServer, client: BusClient) -> None:
     started = time.monotonic()
-    with pytest.raises(errors.Unavailable, match="before the deadline"):
+    with pytest.raises(errors.DeadlineExceeded, match="echo.sleep did not complete before the caller's deadline"):
         await client.call("sleep", deadline=time.time() + 0.5, seconds=10)
     assert time.monotonic() - started < 3
 
 
-async def test_daemon_down_fails_within_the_deadline(endpoint: str, client: BusClient) -> None:
+@pytest.mark.parametrize("budget", [0.0, 0.001, 0.05])
+async def test_a_deadline_too_short_for_any_answer_is_deadline_exceeded(server: BusServer, client: BusClient,
+                                                                        budget: float) -> None:
+    for _ in range(5):
+        with pytest.raises(errors.DeadlineExceeded):
+            await client.call("sleep", deadline=time.time() + budget, seconds=1)
+
+
+async def test_daemon_down_until_the_deadline_is_deadline_exceeded(endpoint: str, client: BusClient) -> None:
+    # Retried all along (a restarting daemon is back within a second or so); when the
+    # caller's deadline passes, the answer says so, and what the call was waiting on.
     started = time.monotonic()
-    with pytest.raises(errors.Unavailable, match="echo is unavailable"):
+    with pytest.raises(errors.DeadlineExceeded, match="echo is not connected") as e:
         await client.call("echo", deadline=time.time() + 0.7, value=1)
+    assert not isinstance(e.value, errors.Unavailable)
     assert 0.5 < time.monotonic() - started < 3
+
+
+async def test_daemon_busy_until_the_deadline_is_deadline_exceeded(server: BusServer, client: BusClient) -> None:
+    # An idempotent call is retried while the daemon answers a retriable error; the deadline ends it.
+    with pytest.raises(errors.DeadlineExceeded, match="busy: try again"):
+        await client.call("busy", deadline=time.time() + 0.5)
+    # A call that may not be repeated gets the daemon's answer at once.
+    with pytest.raises(errors.Unavailable, match="busy: try again"):
+        await client.call("busy_once", deadline=soon())
 
 
 async def test_call_waits_for_a_daemon_that_comes_up(endpoint: str, client: BusClient) -> None:
@@ -235,6 +255,6 @@ async def test_call_during_outage_never_outlives_its_deadline(client: BusClient,
     first.send_signal(signal.SIGKILL)
     first.wait()
     started = time.monotonic()
-    with pytest.raises(errors.Unavailable):
+    with pytest.raises(errors.DeadlineExceeded, match="echo is not connected"):
         await client.call("whoami", deadline=time.time() + 1.0)
     assert time.monotonic() - started < 2.5

@@ -27,16 +27,20 @@ def store_is_clean(storaged) -> None:
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "tar", "docker"])
 async def test_unpack_each_compression(storaged, blob_dir, compression):
-    blob = T.write_blob(blob_dir, [
+    entries = [
         T.directory("bin"),
         T.file("bin/busybox", BUSYBOX, mode=0o755),
         T.symlink("bin/sh", "busybox"),
         T.file("./etc/hostname", b"layer\n"),
-    ], compression)
+    ]
+    blob = T.write_blob(blob_dir, entries, compression)
 
     result = await storaged.unpack(layers=[blob.spec()])
 
-    assert result == {"chain_ids": [blob.diff_id], "top_layer": blob.diff_id}
+    # The layer's size is its uncompressed tar's, whatever the compression (containers/storage's UncompressedSize).
+    tar_size = len(T.tar_bytes(entries))
+    assert result == {"chain_ids": [blob.diff_id], "top_layer": blob.diff_id,
+                      "layer_sizes": [tar_size], "unpacked_size": tar_size}
     diff = Path(storaged._layers.diff_dir(blob.diff_id))
     assert (diff / "bin/busybox").read_bytes() == BUSYBOX
     assert os.readlink(diff / "bin/sh") == "busybox"
@@ -55,6 +59,12 @@ async def test_chain_ids_and_parents(storaged, blob_dir):
     assert expected[0] == blobs[0].diff_id and expected[1] != blobs[1].diff_id
     parents = [(await storaged.layer_status(chain_id=c))["parent"] for c in expected]
     assert parents == [None, expected[0], expected[1]]
+    sizes = [(await storaged.layer_status(chain_id=c))["tar_size"] for c in expected]
+    assert result["layer_sizes"] == sizes and result["unpacked_size"] == sum(sizes)
+    # A stack's size, for a stack in the store, is its layers' sizes added up.
+    missing = "sha256:" + "0" * 64
+    assert await storaged.unpacked_sizes(top_layers=[expected[2], expected[1], missing]) == {
+        expected[2]: sum(sizes), expected[1]: sizes[0] + sizes[1]}
 
 
 async def test_metadata_is_kept(storaged, blob_dir):

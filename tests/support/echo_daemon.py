@@ -10,7 +10,7 @@ from typing import Any
 from shared.bus.server import BusServer
 from shared.bus.service import Service, method
 from shared.config import Config
-from shared.errors import NotFound
+from shared.errors import NotFound, Unavailable
 
 
 class Echo(Service):
@@ -42,6 +42,14 @@ class Echo(Service):
     async def sleep_once(self, seconds: float) -> int:
         await asyncio.sleep(seconds)
         return os.getpid()
+
+    @method(idempotent=True)
+    async def busy(self) -> None:
+        raise Unavailable("busy: try again")
+
+    @method(idempotent=False)
+    async def busy_once(self) -> None:
+        raise Unavailable("busy: try again")
 
     @method(idempotent=False)
     async def unserialisable(self) -> Any:
