@@ -108,13 +108,15 @@ class RegistryClient:
         return Unavailable(f"{where}: {what}: unexpected HTTP {resp.status_code}", retriable=False)
 
     def _final_error(self, exc: BaseException, what: str) -> CriopyError:
+        # Already retried here with backoff: the frontend must not run the whole pull again
+        # until the kubelet's deadline, but answer now so the kubelet backs off, as with CRI-O.
         where = f"pulling image {self.image} from registry {self.registry}"
         if isinstance(exc, _Transient):
-            return Unavailable(f"{where}: {what}: registry kept failing ({exc})")
+            return Unavailable(f"{where}: {what}: registry kept failing ({exc})", retriable=False)
         if _tls_verify_error(exc):
             return Unavailable(f"{where}: {what}: the registry's TLS certificate does not verify against the "
                                f"system's CAs ({exc}); mark the registry insecure to use plain HTTP", retriable=False)
-        return Unavailable(f"{where}: {what}: {type(exc).__name__}: {exc or 'connection failed'}")
+        return Unavailable(f"{where}: {what}: {type(exc).__name__}: {exc or 'connection failed'}", retriable=False)
 
     async def _retrying(self, what: str, op: Any) -> Any:
         try:

@@ -35,7 +35,7 @@ from shared import metrics
 from shared.bus.service import Service, method
 from shared.config import Config, RuntimeHandler
 from shared.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
-                           InvalidArgument, NotFound, Unavailable)
+                           InvalidArgument, NotFound)
 from shared.reload import ReloadResult
 
 log = structlog.get_logger(__name__)
@@ -374,7 +374,8 @@ class Runtimed(Service):
                 return {"id": rec["id"], "state": "reserved", "created": True}
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unavailable(f"the {kind} {name} is still being created by an earlier request ({rec['id']})")
+                raise DeadlineExceeded(
+                    f"the {kind} {name} is still being created by an earlier request ({rec['id']})")
             await self._wait_change(min(remaining, 1.0))
 
     # -- sandboxes ----------------------------------------------------------

@@ -17,7 +17,7 @@ from cri_api.v1 import api_pb2
 
 from tests.support import images
 from tests.support.hostile_registry import HostileRegistry
-from tests.support.registry import PASSWORD, USERNAME, Registry, launch_registry
+from tests.support.registry import PASSWORD, USERNAME, Registry, free_port, launch_registry
 from tests.support.stack import Dirs, Stack, remove_dirs, short_tempdir, start_stack
 
 pytestmark = pytest.mark.root
@@ -196,6 +196,12 @@ def test_errors_name_image_and_registry(image_stack: Stack, registries) -> None:
 
     err = rpc_error(pull, image_stack, "Not/A:Valid Ref")
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # A registry nobody answers on: imaged retries it with backoff, then the kubelet hears of it
+    # (and backs off itself) rather than the whole pull being repeated until its deadline.
+    closed = f"127.0.0.1:{free_port()}"
+    err = rpc_error(pull, image_stack, f"{closed}/e2e/busybox:latest")
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and closed in err.details()
 
 
 def test_blob_digest_mismatch_fails_and_is_not_listed(image_stack: Stack, registries) -> None:
