@@ -79,8 +79,9 @@ class Crictl:
         """stdout of a successful command, stripped (crictl warns on stderr)."""
         return self.run(*args).stdout.strip()
 
-    def json(self, *args: str) -> dict:
-        return json.loads(self.out(*args, "-o", "json"))
+    def json(self, command: str, *args: str) -> dict:
+        # crictl takes a command's options before its arguments.
+        return json.loads(self.out(command, "-o", "json", *args))
 
 
 @pytest.fixture(scope="module")
