@@ -159,9 +159,9 @@ async def test_reservation_token_lets_the_same_request_resume(runtimed, cgroup_p
     # The same request retried (its reply lost): it gets its reservation back at once.
     again = await runtimed.reserve_sandbox(config=config, token="req-1", timeout=0)
     assert again == {"id": first["id"], "state": "reserved", "created": True}
-    # Another request for the same name waits for the first one, here in vain.
-    from shared.errors import Unavailable
-    with pytest.raises(Unavailable):
+    # Another request for the same name waits for the first one, here in vain: its time runs out.
+    from shared.errors import DeadlineExceeded
+    with pytest.raises(DeadlineExceeded):
         await runtimed.reserve_sandbox(config=config, token="req-2", timeout=0.2)
     await runtimed.release_sandbox(sandbox_id=first["id"])
     fresh = await runtimed.reserve_sandbox(config=config, token="req-2")
