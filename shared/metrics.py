@@ -190,6 +190,16 @@ CRIO_CONTAINERS_OOM_COUNT = _crio("runtimed", Counter(
     "Amount of containers killed because they ran out of memory (OOM) by their name",
     ["name"], registry=REGISTRY))
 
+CRIO_CONTAINERS_STOPPED_MONITOR = _crio("runtimed", Counter(
+    CRIO_PREFIX + "containers_stopped_monitor_count",
+    "Amount of containers whose monitor process has exited by their name", ["name"], registry=REGISTRY))
+
+# frontend: a retried RunPodSandbox or CreateContainer that finds the first request's
+# creation still running, by the step it is at (netd's CNI ADD, storaged's rootfs...).
+CRIO_RESOURCES_STALLED = _crio("frontend", Counter(
+    CRIO_PREFIX + "resources_stalled_at_stage", "Resource creation stage pod or container is stalled at.",
+    ["stage"], registry=REGISTRY))
+
 # Computed by the frontend's endpoint on each scrape (a walk of /proc), not kept in a registry.
 CRIO_PROCESSES_DEFUNCT = (CRIO_PREFIX + "processes_defunct", "Total number of defunct processes in the node")
 

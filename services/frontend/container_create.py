@@ -10,7 +10,7 @@ from __future__ import annotations
 from cri_api.v1 import api_pb2
 
 from services.frontend.registry import CallContext, cri_method
-from services.frontend.runtime_convert import Story, detached, remaining, to_dict
+from services.frontend.runtime_convert import Story, detached, note_if_stalled, remaining, to_dict
 from shared.errors import InvalidArgument, NotFound
 
 
@@ -25,12 +25,14 @@ async def create_container(request: api_pb2.CreateContainerRequest,
     image = config.image.image
     if not image:
         raise InvalidArgument("container config needs an image")
+    key = f"container {request.pod_sandbox_id}/{config.metadata.name}/{config.metadata.attempt}"
+    note_if_stalled(key)
     reserved = await call.daemon("runtimed", "reserve_container", sandbox_id=request.pod_sandbox_id,
                                  config=to_dict(config), timeout=remaining(call), token=call.request_id)
     container_id = reserved["id"]
     if not reserved["created"]:
         return api_pb2.CreateContainerResponse(container_id=container_id)
-    story = Story(call)
+    story = Story(call, key)
 
     async def make() -> None:
         rootfs_made = False
@@ -49,5 +51,5 @@ async def create_container(request: api_pb2.CreateContainerRequest,
             await story.undo("runtimed", "release_container", container_id=container_id)
             raise
 
-    await detached(make)
+    await detached(story, make)
     return api_pb2.CreateContainerResponse(container_id=container_id)

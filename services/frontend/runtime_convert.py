@@ -11,6 +11,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.message import Message
 
 from services.frontend.registry import CallContext
+from shared import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -36,15 +37,42 @@ def remaining(call: CallContext, margin: float = 1.0) -> float:
     return max(0.0, call.deadline - time.time() - margin)
 
 
-class Story:
-    """Bus calls of one multi-step CRI call, with a deadline that outlives the caller's."""
+# The stage each creation story is at, by the name of the pod or container it makes: a
+# retry that finds its first request still at work says where that one is stalled.
+_STAGES = {
+    ("netd", "attach"): "sandbox network creation",
+    ("runtimed", "create_sandbox"): "sandbox runtime creation",
+    ("imaged", "image_status"): "container image lookup",
+    ("storaged", "create_rootfs"): "container storage creation",
+    ("runtimed", "create_container"): "container runtime creation",
+}
+_in_progress: dict[str, str] = {}
 
-    def __init__(self, call: CallContext) -> None:
+
+def note_if_stalled(key: str) -> None:
+    """Count a request for `key` that arrives while an earlier one is still making it."""
+    stage = _in_progress.get(key)
+    if stage is not None:
+        log.info("creation_stalled", resource=key, stage=stage)
+        metrics.CRIO_RESOURCES_STALLED.labels(stage).inc()
+
+
+class Story:
+    """Bus calls of one multi-step CRI call, with a deadline that outlives the caller's.
+
+    `key` names what the story makes (see `note_if_stalled`)."""
+
+    def __init__(self, call: CallContext, key: str) -> None:
         self.call = call
+        self.key = key
         self.deadline = call.deadline + DETACHED_GRACE
 
     async def step(self, daemon: str, method: str, **params: Any) -> Any:
+        _in_progress[self.key] = _STAGES.get((daemon, method), f"{daemon} {method}")
         return await self.call.daemons.call(daemon, method, deadline=self.deadline, **params)
+
+    def finished(self) -> None:
+        _in_progress.pop(self.key, None)
 
     async def undo(self, daemon: str, method: str, **params: Any) -> None:
         """An undo step: its failure is logged by the bus client, never raised over the first error."""
@@ -54,9 +82,16 @@ class Story:
             log.warning("undo_step_failed", daemon=daemon, method=method, error=str(e))
 
 
-async def detached(work: Callable[[], Awaitable[T]]) -> T:
+async def detached(story: Story, work: Callable[[], Awaitable[T]]) -> T:
     """Run `work` to its end even if the gRPC call is cancelled (the kubelet's deadline)."""
-    task = asyncio.ensure_future(work())
+
+    async def run() -> T:
+        try:
+            return await work()
+        finally:
+            story.finished()
+
+    task = asyncio.ensure_future(run())
     # When nobody waits any more, its failure was already undone and logged by the bus client.
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return await asyncio.shield(task)

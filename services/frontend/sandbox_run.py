@@ -10,7 +10,7 @@ from __future__ import annotations
 from cri_api.v1 import api_pb2
 
 from services.frontend.registry import CallContext, cri_method
-from services.frontend.runtime_convert import Story, detached, remaining, to_dict
+from services.frontend.runtime_convert import Story, detached, note_if_stalled, remaining, to_dict
 from shared.errors import InvalidArgument
 
 
@@ -19,6 +19,8 @@ async def run_pod_sandbox(request: api_pb2.RunPodSandboxRequest, call: CallConte
     config = request.config
     if not config.metadata.name or not config.metadata.namespace or not config.metadata.uid:
         raise InvalidArgument("pod sandbox metadata needs a name, a namespace and a uid")
+    key = f"pod {config.metadata.namespace}/{config.metadata.name}/{config.metadata.uid}/{config.metadata.attempt}"
+    note_if_stalled(key)
     reserved = await call.daemon("runtimed", "reserve_sandbox", config=to_dict(config),
                                  runtime_handler=request.runtime_handler, timeout=remaining(call),
                                  token=call.request_id)
@@ -26,7 +28,7 @@ async def run_pod_sandbox(request: api_pb2.RunPodSandboxRequest, call: CallConte
     if not reserved["created"]:
         return api_pb2.RunPodSandboxResponse(pod_sandbox_id=pod_id)
     host_network = config.linux.security_context.namespace_options.network == api_pb2.NamespaceMode.NODE
-    story = Story(call)
+    story = Story(call, key)
 
     async def make() -> None:
         netns_path, ips = None, []
@@ -44,5 +46,5 @@ async def run_pod_sandbox(request: api_pb2.RunPodSandboxRequest, call: CallConte
             await story.undo("runtimed", "release_sandbox", sandbox_id=pod_id)
             raise
 
-    await detached(make)
+    await detached(story, make)
     return api_pb2.RunPodSandboxResponse(pod_sandbox_id=pod_id)

@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 # A reservation nobody finished within this time may be taken over by a retry.
 RESERVATION_LEASE = 240.0
 EXIT_POLL_INTERVAL = 0.25
+MONITOR_CHECK_TICKS = 8
 EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
 DEFAULT_CGROUP_PARENT = "/criopy"
 SHM_SIZE = "65536k"
@@ -204,6 +205,7 @@ class Runtimed(Service):
             elif state in ("created", "running"):
                 await self._refresh(rec)
                 if rec["state"] in ("created", "running") and not self._conmon_alive(rec):
+                    self._note_monitor_gone(rec)
                     st = await self._runc(rec).state(rec["id"])
                     if st is None or st.get("status") == "stopped":
                         await self._mark_exited(rec, 255, reason="Error",
@@ -973,13 +975,27 @@ class Runtimed(Service):
             self.events.emit("container", "oom", rec["id"], rec["sandbox_id"], name=rec["name"])
         self.events.emit("container", "exited", rec["id"], rec["sandbox_id"], exit_code=code)
 
+    def _note_monitor_gone(self, rec: dict[str, Any]) -> None:
+        """A container's conmon died under it: said once, in the log and CRI-O's metric."""
+        if rec.get("monitor_gone"):
+            return
+        rec["monitor_gone"] = True
+        log.warning("container_monitor_gone", container_id=rec["id"], conmon_pid=rec.get("conmon_pid"))
+        metrics.CRIO_CONTAINERS_STOPPED_MONITOR.labels(rec["name"]).inc()
+
     async def _watch_exits(self) -> None:
+        ticks = 0
         while True:
             try:
                 await asyncio.sleep(EXIT_POLL_INTERVAL)
+                ticks += 1
                 for rec in list(self.containers.values()):
                     if rec["state"] in ("created", "running"):
                         await self._refresh(rec)
+                        # Monitors die rarely: looked for every few seconds, not at every poll.
+                        if ticks % MONITOR_CHECK_TICKS == 0 and rec["state"] in ("created", "running") \
+                                and not self._conmon_alive(rec):
+                            self._note_monitor_gone(rec)
                 for rec in list(self.sandboxes.values()):
                     self._refresh_infra(rec)
             except asyncio.CancelledError:
@@ -1036,6 +1052,7 @@ class Runtimed(Service):
                 log.info("container_kill_failed", container_id=rec["id"], error=str(e))
             if not await self._wait_exit(rec, 30.0):
                 if not self._conmon_alive(rec):
+                    self._note_monitor_gone(rec)
                     await self._mark_exited(rec, 137, reason="Error", message="killed; conmon is gone")
                 else:
                     raise Internal(f"container {rec['id']} did not exit after SIGKILL")

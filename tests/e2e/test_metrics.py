@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.services import START_ORDER
 from tests.support import images
+from tests.support.pods import busybox_registry
 from tests.support.registry import launch_registry
 from tests.support.stack import Dirs, Stack, short_tempdir, start_stack
 
@@ -53,8 +55,8 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     return samples
 
 
-def value(samples: dict, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
+def value(samples: dict, metric: str, /, **labels: str) -> float | None:
+    return samples.get((metric, frozenset(labels.items())))
 
 
 def test_metrics_of_every_process_on_one_endpoint(metered: tuple[Stack, int]) -> None:
@@ -259,3 +261,52 @@ def test_the_page_passes_promtool(metered: tuple[Stack, int]) -> None:
                '"_total" suffix'}
     assert set(problems) <= allowed, result
     assert result.returncode == (3 if problems else 0), result  # 3: lint problems only, no format error
+
+
+def test_monitor_deaths_and_stalled_creations_are_counted(dirs: Dirs) -> None:
+    """CRI-O's containers_stopped_monitor_count and resources_stalled_at_stage."""
+    port = free_port()
+    # A CNI plugin that takes its time on ADD, so a pod's creation outlives the caller's deadline.
+    plugins = dirs.base / "plugins"
+    plugins.mkdir()
+    slow = plugins / "slowloopback"
+    slow.write_text('#!/bin/sh\n[ "$CNI_COMMAND" = ADD ] && sleep 4\nexec /usr/lib/cni/loopback\n')
+    slow.chmod(0o755)
+    (dirs.cni / "10-slow.conflist").write_text(
+        '{"cniVersion":"1.0.0","name":"slow","plugins":[{"type":"slowloopback"}]}')
+    with busybox_registry(dirs.base / "registry", "metrics/busybox") as (registry, image):
+        stack = start_stack(dirs, "--set", "crio.metrics.enable_metrics=true",
+                            "--set", f"crio.metrics.metrics_port={port}",
+                            "--set", f'crio.network.plugin_dirs=["{plugins}", "/usr/lib/cni"]',
+                            "--set", f'crio.image.insecure_registries=["{registry.host}"]')
+        try:
+            pod = api_pb2.PodSandboxConfig(metadata=api_pb2.PodSandboxMetadata(name="slow", namespace="m", uid="u1"))
+            for _ in range(2):  # the first request times out; its retry finds it still at CNI ADD
+                with pytest.raises(grpc.RpcError) as err:
+                    stack.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=1)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            pod_id = stack.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=60).pod_sandbox_id
+            stalled = value(scrape(port), "container_runtime_crio_resources_stalled_at_stage_total",
+                            stage="sandbox network creation")
+            assert stalled is not None and stalled >= 1
+            # A container whose conmon is killed under it.
+            stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=60)
+            cid = stack.runtime.CreateContainer(api_pb2.CreateContainerRequest(
+                pod_sandbox_id=pod_id, sandbox_config=pod, config=api_pb2.ContainerConfig(
+                    metadata=api_pb2.ContainerMetadata(name="watched"), image=api_pb2.ImageSpec(image=image),
+                    command=["sleep", "600"])), timeout=60).container_id
+            stack.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
+            info = stack.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid, verbose=True),
+                                                 timeout=10).info["info"]
+            os.kill(json.loads(info)["conmonPid"], signal.SIGKILL)
+            name = "k8s_watched_slow_m_u1_0"
+            deadline = time.time() + 20
+            while value(scrape(port), "container_runtime_crio_containers_stopped_monitor_count_total",
+                        name=name) != 1 and time.time() < deadline:
+                time.sleep(0.5)
+            assert value(scrape(port), "container_runtime_crio_containers_stopped_monitor_count_total",
+                         name=name) == 1
+            stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+            assert stack.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers == []
+        finally:
+            stack.stop()
