@@ -8,6 +8,8 @@ the kubelet receives NOT_FOUND with the same message.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 
@@ -95,6 +97,60 @@ class ConfigError(CriopyError):
     """A configuration file or flag is wrong; raised before anything starts."""
 
     code = "INVALID_ARGUMENT"
+
+
+# A full file system, and a user's or project's quota used up: to the caller both mean "no room".
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_no_space(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS
+
+
+def out_of_space(err: BaseException | None, path: str | os.PathLike[str], what: str) -> ResourceExhausted:
+    """The error for a write into `path` that found no room, naming the file system that is full.
+
+    `what` says what was being done. Reads /proc/self/mountinfo: call it where
+    blocking is allowed (a thread), which is where the write failed.
+    """
+    why = "disk quota exceeded" if getattr(err, "errno", None) == errno.EDQUOT else "no space left"
+    return ResourceExhausted(f"{what}: {why} on the file system mounted at {file_system_of(path)} "
+                             f"(writing in {os.fspath(path)})")
+
+
+def file_system_of(path: str | os.PathLike[str]) -> str:
+    """'<mount point> (<type>)' of the file system that holds `path`; the path itself when unknown."""
+    try:
+        real = os.path.realpath(path)
+        existing = real
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        dev = os.stat(existing).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return os.fspath(path)
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    found: tuple[bool, int, str] | None = None
+    for line in lines:
+        fields = line.split()
+        point = _unescape(fields[4]) if len(fields) > 4 else ""
+        if not (real == point or real.startswith(point.rstrip("/") + "/")) or "-" not in fields[6:]:
+            continue
+        rest = fields[fields.index("-", 6) + 1:]
+        # The deepest mount above the path, of the path's own device when one matches
+        # (btrfs subvolumes have another); the last of mounts stacked on one point.
+        key = (fields[2] == device, len(point), f"{point} ({rest[0] if rest else 'unknown type'})")
+        if found is None or key[:2] >= found[:2]:
+            found = key
+    return found[2] if found else os.fspath(path)
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are octal escapes there."""
+    for code, char in (("040", " "), ("011", "\t"), ("012", "\n"), ("134", "\\")):
+        field = field.replace("\\" + code, char)
+    return field
 
 
 _BY_CODE: dict[str, type[CriopyError]] = {
