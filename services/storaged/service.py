@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -24,6 +26,16 @@ log = structlog.get_logger(__name__)
 # Layers extracted at once: decompression, hashing and file writes release
 # the GIL, so threads overlap well; more would only compete for the disk.
 _PARALLEL_UNPACKS = max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass
+class _Made:
+    """A layer unpack started by an `unpack` call, while calls that want the layer run."""
+
+    task: asyncio.Task[None]
+    askers: set[int] = field(default_factory=set)
+    # A call that wanted the layer succeeded: it is in use, whatever the others do.
+    kept: bool = False
 
 
 class Storaged(Service):
@@ -52,6 +64,10 @@ class Storaged(Service):
         # Chain ids an unpack call is working on: garbage collection spares them.
         self._pins: dict[str, int] = {}
         self._slots = asyncio.Semaphore(_PARALLEL_UNPACKS)
+        # Layers made for unpack calls still running: when every call that wanted one
+        # failed, it is removed again, so a failed unpack leaves the store as it was.
+        self._made: dict[str, _Made] = {}
+        self._calls = itertools.count(1)
 
     # -- life cycle -------------------------------------------------------
 
@@ -108,26 +124,38 @@ class Storaged(Service):
             raise InvalidArgument("layers must be a list")
         specs = [_layer_spec(i, layer) for i, layer in enumerate(layers)]
         chain = chain_ids([s["diff_id"] for s in specs])
+        call = next(self._calls)
         for cid in chain:
             self._pins[cid] = self._pins.get(cid, 0) + 1
+        finished = False
         try:
-            async with asyncio.TaskGroup() as group:
-                for i, spec in enumerate(specs):
-                    parent = chain[i - 1] if i else None
-                    group.create_task(self._ensure_layer(chain[i], parent, spec))
-        except BaseExceptionGroup as group_error:
-            raise _first_error(group_error) from None
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for i, spec in enumerate(specs):
+                        parent = chain[i - 1] if i else None
+                        group.create_task(self._ensure_layer(chain[i], parent, spec, call))
+            except BaseExceptionGroup as group_error:
+                raise _first_error(group_error) from None
+            finished = True
         finally:
             for cid in chain:
                 self._pins[cid] -= 1
                 if not self._pins[cid]:
                     del self._pins[cid]
+            if finished:
+                self._release(call, succeeded=True)
+            else:
+                # Also when the caller gave up: the undo runs to its end, and the
+                # error is answered only once the store is back as it was.
+                await asyncio.shield(asyncio.ensure_future(self._undo_unpack(call)))
         sizes = [self._records[cid].tar_size for cid in chain]
         return {"chain_ids": chain, "top_layer": chain[-1] if chain else None,
                 "layer_sizes": sizes, "unpacked_size": sum(sizes)}
 
-    async def _ensure_layer(self, chain_id: str, parent: str | None, spec: dict) -> None:
+    async def _ensure_layer(self, chain_id: str, parent: str | None, spec: dict, call: int) -> None:
         """Unpack one layer unless it is there; concurrent requests share the work."""
+        if chain_id in self._made:
+            self._made[chain_id].askers.add(call)
         while chain_id not in self._records:
             task = self._inflight.get(chain_id)
             mine = task is None
@@ -135,6 +163,10 @@ class Storaged(Service):
                 task = asyncio.create_task(self._unpack_one(chain_id, parent, spec))
                 self._inflight[chain_id] = task
                 task.add_done_callback(lambda t: self._forget_inflight(chain_id, t))
+            made = self._made.get(chain_id)
+            if made is None or made.task is not task:
+                made = self._made[chain_id] = _Made(task)
+            made.askers.add(call)
             try:
                 await asyncio.shield(task)
             except CriopyError:
@@ -146,10 +178,38 @@ class Storaged(Service):
         if self._inflight.get(chain_id) is task:
             del self._inflight[chain_id]
 
+    async def _undo_unpack(self, call: int) -> None:
+        """After a failed unpack call: remove the layers made for it that no call wanting them got."""
+        # Unpacks still running finish first (a thread cannot be stopped); those that
+        # have not started yet see that nobody wants them any more and do not start.
+        running = [m.task for m in self._made.values() if call in m.askers and not m.task.done()]
+        if running:
+            await asyncio.wait(running)
+        unwanted = self._release(call, succeeded=False)
+        removed = await self._collect([], only=unwanted) if unwanted else []
+        if removed:
+            log.info("unpack_undone", removed=[r.chain_id for r in removed])
+
+    def _release(self, call: int, *, succeeded: bool) -> set[str]:
+        """End `call`'s interest in the layers made for it; returns those every asker failed."""
+        unwanted = set()
+        for cid, made in list(self._made.items()):
+            if call not in made.askers:
+                continue
+            made.askers.discard(call)
+            made.kept = made.kept or succeeded
+            if not made.askers:
+                del self._made[cid]
+                if not made.kept:
+                    unwanted.add(cid)
+        return unwanted
+
     async def _unpack_one(self, chain_id: str, parent: str | None, spec: dict) -> None:
         attributes = {"layer.chain_id": chain_id, "layer.diff_id": spec["diff_id"],
                       "layer.media_type": spec["media_type"]}
         async with self._slots:
+            if not self._pins.get(chain_id):
+                return  # every call that wanted the layer failed while this one waited for a slot
             with tracing.tracer(__name__).start_as_current_span("unpack layer", attributes=attributes):
                 record = await asyncio.to_thread(
                     self._layers.unpack, chain_id=chain_id, parent=parent, diff_id=spec["diff_id"],
@@ -185,11 +245,19 @@ class Storaged(Service):
         return [r.to_wire() for r in self._records.values()]
 
     @method(idempotent=True)
-    async def gc_layers(self, keep_top_layers: list[str]) -> dict[str, Any]:
-        """Remove every layer that is neither in a kept stack nor under a root file system."""
+    async def gc_layers(self, keep_top_layers: list[str], only: list[str] | None = None) -> dict[str, Any]:
+        """Remove every layer (of `only`, when given) neither in a kept stack nor under a root file system."""
         if not isinstance(keep_top_layers, list):
             raise InvalidArgument("keep_top_layers must be a list")
+        if only is not None and not isinstance(only, list):
+            raise InvalidArgument("only must be a list")
         tops = [check_digest(t, "keep_top_layers entry") for t in keep_top_layers]
+        candidates = None if only is None else {check_digest(c, "only entry") for c in only}
+        victims = await self._collect(tops, only=candidates)
+        return {"removed": [r.chain_id for r in victims],
+                "freed_bytes": sum(r.used_bytes for r in victims)}
+
+    async def _collect(self, tops: list[str], *, only: set[str] | None) -> list[LayerRecord]:
         async with self._lock:
             tops += [r.top_layer for r in self._containers.values() if r.top_layer]
             keep = set(self._pins) | set(self._inflight)
@@ -199,14 +267,14 @@ class Storaged(Service):
                     keep.add(current)
                     record = self._records.get(current)
                     current = record.parent if record else None
-            victims = [r for cid, r in self._records.items() if cid not in keep]
+            victims = [r for cid, r in self._records.items()
+                       if cid not in keep and (only is None or cid in only)]
             for record in victims:
                 del self._records[record.chain_id]
             for record in victims:
                 await asyncio.to_thread(self._layers.remove, record)
                 log.info("layer_removed", chain_id=record.chain_id)
-        return {"removed": [r.chain_id for r in victims],
-                "freed_bytes": sum(r.used_bytes for r in victims)}
+        return victims
 
     # -- root file systems ----------------------------------------------------
 
