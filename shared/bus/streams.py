@@ -84,6 +84,8 @@ HEADER = struct.Struct("!BI")
 _SIZE = struct.Struct("!HH")
 _COUNT = struct.Struct("!I")
 MAX_FRAME = 1024 * 1024
+# Bytes read at once from what a session streams out.
+READ_SIZE = 256 * 1024
 # STDIN bytes a session may have received and not yet consumed.
 INPUT_WINDOW = 1024 * 1024
 # Sessions one daemon keeps open at once (each holds a process or a connection).
@@ -174,6 +176,21 @@ class DaemonStream:
             self._writer.write(HEADER.pack(kind, len(chunk)) + chunk)
             await self._writer.drain()
 
+    async def copy_output(self, reader: asyncio.StreamReader, kind: int) -> None:
+        """`reader` to the stream as `kind` frames, until it ends or fails (EIO: a terminal's other
+        side closed), or until the frontend goes away (the listener then ends the session)."""
+        while True:
+            try:
+                data = await reader.read(READ_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                await self.send(kind, data)
+            except OSError:
+                return
+
     async def receive(self) -> bytes:
         """The next STDIN bytes; b"" once the frontend ended its input."""
         while not self._input:
@@ -188,6 +205,19 @@ class DaemonStream:
             self._writer.write(frame(WINDOW, _COUNT.pack(self._consumed)))
             self._consumed = 0
         return data
+
+    async def copy_input(self, writer: asyncio.StreamWriter) -> bool:
+        """STDIN to `writer` until the frontend ends it (True), or until `writer` breaks (False; what
+        follows is read and dropped: it has nowhere to go)."""
+        try:
+            while data := await self.receive():
+                writer.write(data)
+                await writer.drain()
+            return True
+        except (ConnectionError, OSError):
+            while await self.receive():
+                pass
+            return False
 
     def _end_input(self) -> None:
         self._input_ended = True

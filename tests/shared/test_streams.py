@@ -14,6 +14,7 @@ from shared.bus import streams
 from shared.bus.streams import STDERR, STDIN, STDOUT, ClientStream, DaemonStream, End, StreamListener
 from shared.errors import ResourceExhausted, Unavailable
 from tests.support.stack import short_tempdir
+from tests.support.streams import read_all
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,15 +93,6 @@ async def until(condition, what: str, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
-
-
-async def read_all(client: ClientStream) -> tuple[bytes, bytes, End]:
-    out = {STDOUT: b"", STDERR: b""}
-    while True:
-        got = await client.read()
-        if isinstance(got, End):
-            return out[STDOUT], out[STDERR], got
-        out[got[0]] += got[1]
 
 
 async def test_output_input_resize_and_end(listener: StreamListener) -> None:
