@@ -6,7 +6,8 @@ writes, input as the frontend sends it, a resize for a terminal, and an end
 with the exit code.
 
 Exec runs `runc exec` for a process spec built from the container's own
-(environment, user, capabilities, cwd) with the requested command. With a
+(environment, user, capabilities, cwd) with the requested command, under a
+parent-death signal: should runtimed die, the process gets a hangup. With a
 terminal, runc gets a pseudo-terminal of ours as its stdio and relays it to
 the container's terminal; a resize sets our terminal's size and sends runc
 SIGWINCH, which runc copies to the container's terminal. Without one, plain
@@ -51,6 +52,7 @@ log = structlog.get_logger(__name__)
 ATTACH_PACKET = 32 * 1024
 STDIN_CHUNK = 8192  # conmon reads its attach socket 8 KiB at a time
 PID_FILE_WAIT = 5.0
+SETPRIV = "/usr/bin/setpriv"
 ATTACH_STDOUT = 2
 ATTACH_STDERR = 3
 
@@ -95,6 +97,9 @@ class ExecSession:
         args = self.runc.exec_args(self.container_id, self.process_file, self.pid_file)
         at = args.index("exec")
         args[at:at] = ["--log", self.log_file, "--log-format", "json"]
+        # Should runtimed die without ending the session, runc gets SIGHUP and passes it on to the
+        # process, as a terminal's hangup would: nobody is left to read it or to kill it.
+        args = [SETPRIV, "--pdeathsig", "HUP", *args]
         loop = asyncio.get_running_loop()
         if self.tty:
             master, slave = pty.openpty()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -504,10 +505,14 @@ async def test_a_hundred_open_sessions_leave_runtimed_answering(world: World) ->
     assert not _processes_with(marker)
 
 
-def _restart(stack: Stack, service: str) -> None:
+def _restart(stack: Stack, service: str, *, crash: bool = False) -> None:
+    """Restart `service` as an operator would, or by killing it (the supervisor starts it again)."""
     before = stack.pid(service)
-    result = criopy(stack.dirs, "restart", service)
-    assert result.returncode == 0, result.stderr
+    if crash:
+        os.kill(before, signal.SIGKILL)
+    else:
+        result = criopy(stack.dirs, "restart", service)
+        assert result.returncode == 0, result.stderr
     for _ in range(150):
         status = stack.status().get(service, {})
         if status.get("state") == "up" and status.get("ready") and status.get("pid") not in (None, before):
@@ -516,7 +521,8 @@ def _restart(stack: Stack, service: str) -> None:
     raise AssertionError(f"{service} did not come back: {stack.status()}")
 
 
-async def test_restarting_runtimed_ends_its_sessions(world: World) -> None:
+@pytest.mark.parametrize("crash", [False, True], ids=["restart", "crash"])
+async def test_restarting_runtimed_ends_its_sessions(world: World, crash: bool) -> None:
     marker = str(40000 + secrets.randbelow(20000))
     client, s = await spdy_open(exec_url(world, ["sh", "-c", f"echo started; exec sleep {marker}"], stdin=True,
                                          stderr=False), stdin=True, stderr=False)
@@ -527,13 +533,19 @@ async def test_restarting_runtimed_ends_its_sessions(world: World) -> None:
                 break
             await asyncio.sleep(0.05)
         assert _sleepers(marker)
-        await asyncio.to_thread(_restart, world.stack, "runtimed")
+        await asyncio.to_thread(_restart, world.stack, "runtimed", crash=crash)
         # The client is told, rather than left waiting on a session nobody serves any more.
         status = json.loads(await asyncio.wait_for(s["error"].read_all(), 30))
         assert await s["stdout"].read_all() == b""
     finally:
         await client.close()
-    assert status["status"] == "Failure" and "runtimed stopped" in status["message"], status
+    reason = "runtimed went away" if crash else "runtimed stopped"
+    assert status["status"] == "Failure" and reason in status["message"], status
+    # Stopping runtimed ends its sessions; a runtimed that dies leaves runc a hangup to pass on.
+    for _ in range(100):
+        if not _sleepers(marker):
+            break
+        await asyncio.sleep(0.05)
     assert not _sleepers(marker)
     # The restarted runtimed serves new sessions.
     client, s = await spdy_open(exec_url(world, ["echo", "again"], stderr=False), stderr=False)
