@@ -83,11 +83,11 @@ STDOUT, STDERR, WINDOW, END = 5, 6, 7, 8
 HEADER = struct.Struct("!BI")
 _SIZE = struct.Struct("!HH")
 _COUNT = struct.Struct("!I")
-MAX_FRAME = 1024 * 1024
+MAX_FRAME = 256 * 1024
 # Bytes read at once from what a session streams out.
 READ_SIZE = 256 * 1024
 # STDIN bytes a session may have received and not yet consumed.
-INPUT_WINDOW = 1024 * 1024
+INPUT_WINDOW = 512 * 1024
 # Sessions one daemon keeps open at once (each holds a process or a connection).
 MAX_STREAMS = 100
 # Seconds a started session waits for its frontend.
