@@ -94,6 +94,8 @@ MAX_STREAMS = 100
 CLAIM_TIMEOUT = 30.0
 # Seconds a new connection has to name its session.
 OPEN_TIMEOUT = 10.0
+# Characters of an END frame's error that are kept.
+MAX_ERROR = 8192
 
 
 @dataclass
@@ -113,7 +115,8 @@ def frame(kind: int, payload: bytes = b"") -> bytes:
 
 
 def end_frame(end: End) -> bytes:
-    return frame(END, msgpack.packb({"exit_code": end.exit_code, "error": end.error}))
+    error = end.error[:MAX_ERROR] if end.error is not None else None
+    return frame(END, msgpack.packb({"exit_code": end.exit_code, "error": error}))
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -331,7 +334,8 @@ class StreamListener:
             await session.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Every connection starts here: check the peer, read which session it claims, serve it."""
+        """Every connection starts here, the one place to check who connected (the socket's mode is
+        the check for now); then read which session it claims, and serve it."""
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
