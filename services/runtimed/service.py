@@ -106,6 +106,8 @@ class Runtimed(Service):
     capabilities = None
     # Container and pod events go to the frontend (GetContainerEvents); see event_publisher.py.
     publishes_events = True
+    # Exec and attach stream their bytes on a socket of their own (exec_session.py).
+    serves_streams = True
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -1319,44 +1321,21 @@ class Runtimed(Service):
     @method(idempotent=False)
     async def exec_start(self, container_id: str, cmd: list, tty: bool = False, stdin: bool = False,
                          stdout: bool = True, stderr: bool = True) -> dict:
-        """Start `cmd` in the running container for a streaming exec; {"session"}."""
+        """Start `cmd` in the running container for a streaming exec; {"token"} of its stream."""
         exec_session.check_streams(cmd, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr)
         rec = await self._running_for_stream(container_id)
-        return await exec_session.sessions_of(self).add(exec_session.ExecSession(
+        return await self.open_stream(exec_session.ExecSession(
             self._runc(rec), rec["id"], rec["bundle"], list(cmd), tty=tty, stdin=stdin))
 
     @method(idempotent=False)
     async def attach_start(self, container_id: str, tty: bool = False, stdin: bool = False,
                            stdout: bool = True, stderr: bool = True) -> dict:
-        """Connect to the running container's stdio through conmon; {"session"}."""
+        """Connect to the running container's stdio through conmon; {"token"} of its stream."""
         exec_session.check_streams(None, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr)
         rec = await self._running_for_stream(container_id)
-        return await exec_session.sessions_of(self).add(exec_session.AttachSession(
+        return await self.open_stream(exec_session.AttachSession(
             rec["id"], rec["bundle"], self.attach_dir, tty=bool(rec.get("tty")), stdin=stdin,
             stdin_once=bool(rec["config"].get("stdin_once"))))
-
-    @method(idempotent=False)
-    async def session_write(self, session: str, data: bytes, wait_seconds: float = 5.0) -> dict:
-        return await exec_session.sessions_of(self).get(session).write(data, wait_seconds)
-
-    @method(idempotent=False)
-    async def session_read(self, session: str, max_bytes: int = 65536, wait_seconds: float = 5.0) -> dict:
-        return await exec_session.sessions_of(self).get(session).read(max_bytes, wait_seconds)
-
-    @method(idempotent=True)
-    async def session_close_stdin(self, session: str) -> dict:
-        await exec_session.sessions_of(self).get(session).close_stdin()
-        return {}
-
-    @method(idempotent=True)
-    async def session_resize(self, session: str, width: int, height: int) -> dict:
-        await exec_session.sessions_of(self).get(session).resize(width, height)
-        return {}
-
-    @method(idempotent=True)
-    async def session_close(self, session: str) -> dict:
-        await exec_session.sessions_of(self).close(session)
-        return {}
 
 
 async def _read_limited(stream: asyncio.StreamReader | None, limit: int = EXEC_OUTPUT_LIMIT) -> bytes:

@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
 
 from shared import metrics, privileges
 from shared.config import Config
+from shared.errors import Unavailable
 from shared.version import VERSION
 
 if TYPE_CHECKING:
     from shared.bus.events import EventPublisher
+    from shared.bus.streams import StreamListener, StreamSession
     from shared.reload import ReloadResult
 
 Handler = Callable[..., Awaitable[Any]]
@@ -64,17 +66,26 @@ class Service:
     network: ClassVar[bool] = True
     # Whether the service publishes events (on config.events_endpoint(name)).
     publishes_events: ClassVar[bool] = False
+    # Whether the service serves byte streams (on config.stream_socket(name)).
+    serves_streams: ClassVar[bool] = False
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
         self.ready = False
         self.publisher: "EventPublisher | None" = None  # set by the daemon runner
+        self.streams: "StreamListener | None" = None  # set by the daemon runner when serves_streams
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Publish an event to the frontend (dropped when nobody listens)."""
         if self.publisher is not None:
             self.publisher.publish(topic, event)
+
+    async def open_stream(self, session: "StreamSession") -> dict[str, str]:
+        """Start a session streamed on the service's stream socket; {"token"} names it there."""
+        if self.streams is None:
+            raise Unavailable(f"{self.name} serves no streams")
+        return {"token": await self.streams.open(session)}
 
     # -- life cycle -------------------------------------------------------
 
