@@ -5,11 +5,22 @@
     <root>/l/<short name>                  -> ../layers/<chain hex>/diff
     <root>/tmp/                            unpacks in progress
     <root>/trash/                          layers being deleted
+    <root>/held/<chain hex>-<random>/diff  layers whose record was found damaged while a
+                                           mounted root file system used them
 
 A layer is unpacked into a directory of tmp/ together with its record, then
 renamed into layers/: the rename commits it, so after a crash a layer either
 is complete with its record or is not there at all. The short links keep
 overlay mount options small (containers/storage does the same).
+
+A record found torn or garbage at start (a power cut, a disk fault) is moved
+into quarantine/, and its layer's files are not trusted any more: the layer
+is deleted, to be unpacked again from imaged's blobs. When a mounted root file
+system still uses it (no reboot came in between), deleting the files would
+pull them from under a running container: the layer is moved to held/
+instead (a mounted overlay keeps the directories it was mounted on, whatever
+their path), out of reach of new root file systems, and deleted once no
+mount uses it.
 
 Every function here blocks; the service runs them in threads.
 """
@@ -28,8 +39,8 @@ from pathlib import Path
 
 import structlog
 
-from services.storaged import atomic, decompress
-from services.storaged.digests import hex_of
+from services.storaged import atomic, decompress, quarantine
+from services.storaged.digests import hex_of, is_digest
 from services.storaged.tar_extract import extract_tar
 from services.storaged.usage import measure
 from shared.errors import InvalidArgument, NotFound, is_no_space, out_of_space
@@ -73,6 +84,7 @@ class LayerStore:
         self.links_dir = os.path.join(root, "l")
         self.tmp_dir = os.path.join(root, "tmp")
         self.trash_dir = os.path.join(root, "trash")
+        self.held_dir = os.path.join(root, "held")
         # The lower dir of a root file system made from no layer at all.
         self.empty_dir = os.path.join(root, "empty")
 
@@ -84,9 +96,12 @@ class LayerStore:
 
     # -- loading and reconciling --------------------------------------------
 
-    def load(self) -> dict[str, LayerRecord]:
-        """Read every committed layer; drop what interrupted unpacks and deletions left."""
-        for d in (self.layers_dir, self.links_dir, self.tmp_dir, self.trash_dir, self.empty_dir):
+    def load(self, in_use: set[str]) -> dict[str, LayerRecord]:
+        """Read every committed layer; drop what interrupted unpacks and deletions left.
+
+        `in_use`: the chain ids of layers that mounted root file systems use.
+        """
+        for d in (self.layers_dir, self.links_dir, self.tmp_dir, self.trash_dir, self.held_dir, self.empty_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         os.chmod(self.empty_dir, 0o755)
         for leftover in (self.tmp_dir, self.trash_dir):
@@ -102,18 +117,25 @@ class LayerStore:
                 if hex_of(record.chain_id) != name or not os.path.isdir(os.path.join(path, DIFF)):
                     raise ValueError("record does not match its directory")
             except (OSError, ValueError, TypeError) as e:
-                log.warning("layer_store_bad_layer_removed", path=path, error=str(e))
-                _remove_tree(path)
+                quarantine.set_aside(self.root, os.path.join(path, RECORD), kind="layer", name=name, error=str(e))
+                if f"sha256:{name}" in in_use:
+                    self._hold(name)
+                else:
+                    _remove_tree(path)
                 continue
             records[record.chain_id] = record
 
-        # Short links: recreate missing ones, remove those of no layer.
+        # Short links: recreate missing ones, remove those of no layer (those of held layers stay).
         wanted = {r.link: r for r in records.values()}
         for name in os.listdir(self.links_dir):
             link = os.path.join(self.links_dir, name)
             record = wanted.get(name)
-            if record is None or os.readlink(link) != self._link_target(record.chain_id):
-                os.unlink(link)
+            target = os.readlink(link)
+            if record is not None and target == self._link_target(record.chain_id):
+                continue
+            if record is None and target.startswith("../held/") and os.path.isdir(os.path.join(self.links_dir, target)):
+                continue
+            os.unlink(link)
         for record in list(records.values()):
             link = os.path.join(self.links_dir, record.link)
             if not os.path.lexists(link):
@@ -180,6 +202,50 @@ class LayerStore:
 
     def _link_target(self, chain_id: str) -> str:
         return os.path.join("..", "layers", hex_of(chain_id), DIFF)
+
+    def chain_id_of_link(self, link: str) -> str | None:
+        """The chain id of the layer (committed or held) a short link points to; None if it points elsewhere."""
+        try:
+            parts = os.readlink(os.path.join(self.links_dir, link)).split("/")
+        except OSError:
+            return None
+        if len(parts) != 4 or parts[0] != ".." or parts[1] not in ("layers", "held") or parts[3] != DIFF:
+            return None
+        chain_id = f"sha256:{parts[2][:64]}"
+        return chain_id if is_digest(chain_id) else None
+
+    # -- layers kept only for the mounts that use them -------------------------
+
+    def _hold(self, name: str) -> None:
+        """Move a layer out of layers/ (its files stay under the mounts that use them); its link follows."""
+        held = f"{name}-{secrets.token_hex(4)}"
+        os.rename(os.path.join(self.layers_dir, name), os.path.join(self.held_dir, held))
+        old_target = os.path.join("..", "layers", name, DIFF)
+        for link in os.listdir(self.links_dir):
+            path = os.path.join(self.links_dir, link)
+            if os.readlink(path) == old_target:
+                tmp = os.path.join(self.links_dir, f".{link}.tmp")
+                os.symlink(os.path.join("..", "held", held, DIFF), tmp)
+                os.replace(tmp, path)
+        log.warning("layer_held_for_mounts", chain_id=f"sha256:{name}", path=os.path.join(self.held_dir, held))
+
+    def drop_held(self, mounted_links: set[str]) -> None:
+        """Delete the held layers whose short link no mounted root file system names any more."""
+        used = set()
+        for link in os.listdir(self.links_dir):
+            path = os.path.join(self.links_dir, link)
+            try:
+                target = os.readlink(path)
+                if target.startswith("../held/") and link in mounted_links:
+                    used.add(target.split("/")[2])
+                elif target.startswith("../held/"):
+                    os.unlink(path)
+            except FileNotFoundError:
+                continue  # a removal beside this one took it
+        for name in os.listdir(self.held_dir):
+            if name not in used:
+                log.info("held_layer_removed", path=os.path.join(self.held_dir, name))
+                _remove_tree(os.path.join(self.held_dir, name))
 
     # -- removal --------------------------------------------------------------
 

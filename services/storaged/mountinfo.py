@@ -48,3 +48,20 @@ def mount_points_under(root: str) -> list[str]:
     prefix = root.rstrip("/") + "/"
     found = {m.mount_point for m in current() if m.mount_point.startswith(prefix)}
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
+
+
+def overlay_lowers(root: str) -> dict[str, list[str]]:
+    """{mount point: its lower dirs as mounted, top first} for the overlays mounted below `root`.
+
+    The lower dirs are the paths given at mount time (for the layer store:
+    `l/<short name>` relative to the store, or `empty`).
+    """
+    prefix = root.rstrip("/") + "/"
+    found: dict[str, list[str]] = {}
+    for m in current():
+        if m.fstype != "overlay" or not m.mount_point.startswith(prefix):
+            continue
+        for option in m.options.split(","):
+            if option.startswith("lowerdir="):
+                found[m.mount_point] = [_unescape(p) for p in option[len("lowerdir="):].split(":") if p]
+    return found

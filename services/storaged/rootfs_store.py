@@ -8,7 +8,10 @@
 A root file system is prepared in tmp/ and renamed into rootfs/ (committed),
 then mounted. Removal first marks the record `removing`, unmounts, and moves
 the directory to trash/ before deleting it, so a restart finishes any removal
-it finds half done. Every function here blocks; the service runs them in threads.
+it finds half done. A record found damaged at start goes to quarantine/; the
+service writes it again from the mount table when the root file system is
+mounted (its container may be running), and deletes the directory otherwise.
+Every function here blocks; the service runs them in threads.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import structlog
 
-from services.storaged import atomic
+from services.storaged import atomic, quarantine
 from shared.errors import InvalidArgument, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
@@ -73,7 +76,7 @@ class RootfsStore:
         return os.path.relpath(path, self.root)
 
     def load(self) -> tuple[dict[str, RootfsRecord], list[str]]:
-        """The records, and the container ids whose directory has no valid record."""
+        """The records, and the container ids whose directory has no valid record (moved to quarantine)."""
         os.makedirs(self.rootfs_dir, mode=0o711, exist_ok=True)
         records: dict[str, RootfsRecord] = {}
         broken: list[str] = []
@@ -83,11 +86,19 @@ class RootfsStore:
                 if record.container_id != name or record.state not in (CREATED, REMOVING):
                     raise ValueError("record does not match its directory")
             except (OSError, ValueError, TypeError) as e:
-                log.warning("rootfs_bad_record", container_id=name, error=str(e))
+                quarantine.set_aside(self.root, os.path.join(self.rootfs_dir, name, RECORD),
+                                     kind="rootfs", name=name, error=str(e))
                 broken.append(name)
                 continue
             records[name] = record
         return records, broken
+
+    def rewrite(self, container_id: str, top_layer: str | None) -> RootfsRecord:
+        """A new record for a mounted root file system whose record was lost, from what its mount shows."""
+        record = RootfsRecord(container_id, top_layer, CREATED, time.time())
+        atomic.write_json(os.path.join(self.dir(container_id), RECORD), asdict(record))
+        log.warning("rootfs_record_rebuilt", container_id=container_id, top_layer=top_layer)
+        return record
 
     def create(self, container_id: str, top_layer: str | None, *, mode: int, uid: int, gid: int) -> RootfsRecord:
         """Prepare the directories of a root file system whose root has this owner and mode."""

@@ -75,10 +75,13 @@ class Storaged(Service):
         await asyncio.to_thread(os.makedirs, self._root, mode=0o711, exist_ok=True)
         containers, broken = await asyncio.to_thread(self._rootfs.load)
         self._containers = containers
+        lost = await self._rewrite_mounted(broken)
         # Stray mounts go first: deleting leftovers must never reach into a mount.
         await self._unmount_strays()
-        self._records = await asyncio.to_thread(self._layers.load)
-        for container_id in broken:
+        in_use = await asyncio.to_thread(self._layers_under_mounts)
+        self._records = await asyncio.to_thread(self._layers.load, in_use)
+        await asyncio.to_thread(self._drop_held)
+        for container_id in lost:
             await asyncio.to_thread(self._rootfs.delete, container_id)
         for record in list(self._containers.values()):
             if record.state != CREATED:
@@ -92,6 +95,33 @@ class Storaged(Service):
         # Mounts stay: containers keep running while storaged restarts.
         for task in list(self._inflight.values()):
             task.cancel()
+
+    async def _rewrite_mounted(self, broken: list[str]) -> list[str]:
+        """Give mounted root file systems whose record was damaged a new one; the ids of the others."""
+        mounts = await asyncio.to_thread(self._mounted_links)
+        lost = []
+        for container_id in broken:
+            links = mounts.get(self._rootfs.merged(container_id))
+            top = await asyncio.to_thread(self._layers.chain_id_of_link, links[0]) if links else None
+            if links is None or (links and top is None):
+                lost.append(container_id)
+                continue
+            self._containers[container_id] = await asyncio.to_thread(self._rootfs.rewrite, container_id, top)
+        return lost
+
+    def _mounted_links(self) -> dict[str, list[str]]:
+        """{mount point: short link names of its lower dirs, top first} of the overlays mounted in the store."""
+        return {point: [lower[2:] for lower in lowers if lower.startswith("l/")]
+                for point, lowers in mountinfo.overlay_lowers(self._root).items()}
+
+    def _layers_under_mounts(self) -> set[str]:
+        """Chain ids of the layers mounted root file systems use, whatever the records say."""
+        return {chain_id for links in self._mounted_links().values() for link in links
+                if (chain_id := self._layers.chain_id_of_link(link)) is not None}
+
+    def _drop_held(self) -> None:
+        if os.listdir(self._layers.held_dir):
+            self._layers.drop_held({link for links in self._mounted_links().values() for link in links})
 
     async def _unmount_strays(self) -> None:
         """Unmount whatever is mounted in the store but is no container's root file system."""
@@ -261,6 +291,8 @@ class Storaged(Service):
         async with self._lock:
             tops += [r.top_layer for r in self._containers.values() if r.top_layer]
             keep = set(self._pins) | set(self._inflight)
+            # What a mount uses stays, also when a damaged record broke its chain.
+            keep |= await asyncio.to_thread(self._layers_under_mounts)
             for top in tops:
                 current: str | None = top
                 while current is not None and current not in keep:
@@ -374,6 +406,7 @@ class Storaged(Service):
             pass  # stacked mounts
         await asyncio.to_thread(self._rootfs.delete, cid)
         del self._containers[cid]
+        await asyncio.to_thread(self._drop_held)
 
     # -- usage ------------------------------------------------------------------
 
