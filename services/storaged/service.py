@@ -26,6 +26,10 @@ log = structlog.get_logger(__name__)
 # Layers extracted at once: decompression, hashing and file writes release
 # the GIL, so threads overlap well; more would only compete for the disk.
 _PARALLEL_UNPACKS = max(1, min(4, os.cpu_count() or 1))
+# A lease on unpacked layers lasts at most this long, whatever its holder asked:
+# a holder that died (a frontend restarted mid-pull) cannot keep layers forever.
+MAX_LEASE_SECONDS = 3600.0
+DEFAULT_LEASE_SECONDS = 600.0
 
 
 @dataclass
@@ -63,6 +67,11 @@ class Storaged(Service):
         self._inflight: dict[str, asyncio.Task[None]] = {}
         # Chain ids an unpack call is working on: garbage collection spares them.
         self._pins: dict[str, int] = {}
+        # Chain ids a caller keeps past its unpack call, until it releases them or the lease
+        # runs out (PullImage: until imaged lists the image): {lease: (chain ids, monotonic end)}.
+        self._leases: dict[str, tuple[frozenset[str], float]] = {}
+        # Layers being deleted, by chain id: unpacking one again waits until its directory is gone.
+        self._removing: dict[str, asyncio.Future[Any]] = {}
         self._slots = asyncio.Semaphore(_PARALLEL_UNPACKS)
         # Layers made for unpack calls still running: when every call that wanted one
         # failed, it is removed again, so a failed unpack leaves the store as it was.
@@ -148,12 +157,21 @@ class Storaged(Service):
     # -- layers -------------------------------------------------------------
 
     @method(idempotent=True)
-    async def unpack(self, layers: list[dict]) -> dict[str, Any]:
-        """Unpack layer blobs (bottom first) into the store; returns their chain ids and uncompressed sizes."""
+    async def unpack(self, layers: list[dict], lease: str | None = None,
+                     lease_seconds: float | None = None) -> dict[str, Any]:
+        """Unpack layer blobs (bottom first) into the store; returns their chain ids and uncompressed sizes.
+
+        With `lease`, the layers of the stack stay out of garbage collection
+        after the call, until `release_layers(lease)` or `lease_seconds` (at
+        most an hour) have passed: what the caller still has to do before
+        another record protects them (imaged's top layer, a root file system).
+        """
         if not isinstance(layers, list):
             raise InvalidArgument("layers must be a list")
         specs = [_layer_spec(i, layer) for i, layer in enumerate(layers)]
         chain = chain_ids([s["diff_id"] for s in specs])
+        if lease is not None:
+            self._lease(lease, chain, lease_seconds)
         call = next(self._calls)
         for cid in chain:
             self._pins[cid] = self._pins.get(cid, 0) + 1
@@ -175,6 +193,8 @@ class Storaged(Service):
             if finished:
                 self._release(call, succeeded=True)
             else:
+                if lease is not None:
+                    self._leases.pop(lease, None)  # a failed unpack keeps nothing
                 # Also when the caller gave up: the undo runs to its end, and the
                 # error is answered only once the store is back as it was.
                 await asyncio.shield(asyncio.ensure_future(self._undo_unpack(call)))
@@ -182,11 +202,39 @@ class Storaged(Service):
         return {"chain_ids": chain, "top_layer": chain[-1] if chain else None,
                 "layer_sizes": sizes, "unpacked_size": sum(sizes)}
 
+    def _lease(self, lease: str, chain: list[str], seconds: float | None) -> None:
+        if not isinstance(lease, str) or not lease or len(lease) > 256:
+            raise InvalidArgument("lease must be a non-empty string of at most 256 characters")
+        if seconds is None:
+            seconds = DEFAULT_LEASE_SECONDS
+        if not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise InvalidArgument(f"lease_seconds must be a positive number, not {seconds!r:.50}")
+        held, _ = self._leases.get(lease, (frozenset(), 0.0))
+        self._leases[lease] = (held | frozenset(chain), time.monotonic() + min(seconds, MAX_LEASE_SECONDS))
+
+    @method(idempotent=True)
+    async def release_layers(self, lease: str) -> dict[str, Any]:
+        """End a lease taken by `unpack`: its layers are collectable again. An unknown lease is not an error."""
+        return {"released": self._leases.pop(lease, None) is not None}
+
+    def _leased(self) -> set[str]:
+        now = time.monotonic()
+        for lease, (_, until) in list(self._leases.items()):
+            if until <= now:
+                log.warning("layer_lease_expired", lease=lease)
+                del self._leases[lease]
+        return {cid for chain, _ in self._leases.values() for cid in chain}
+
     async def _ensure_layer(self, chain_id: str, parent: str | None, spec: dict, call: int) -> None:
         """Unpack one layer unless it is there; concurrent requests share the work."""
         if chain_id in self._made:
             self._made[chain_id].askers.add(call)
         while chain_id not in self._records:
+            removing = self._removing.get(chain_id)
+            if removing is not None:
+                # Collected meanwhile: its directory must be gone before it is unpacked again.
+                await asyncio.wait({removing})
+                continue
             task = self._inflight.get(chain_id)
             mine = task is None
             if task is None:
@@ -290,7 +338,7 @@ class Storaged(Service):
     async def _collect(self, tops: list[str], *, only: set[str] | None) -> list[LayerRecord]:
         async with self._lock:
             tops += [r.top_layer for r in self._containers.values() if r.top_layer]
-            keep = set(self._pins) | set(self._inflight)
+            keep = set(self._pins) | set(self._inflight) | self._leased()
             # What a mount uses stays, also when a damaged record broke its chain.
             keep |= await asyncio.to_thread(self._layers_under_mounts)
             for top in tops:
@@ -301,12 +349,26 @@ class Storaged(Service):
                     current = record.parent if record else None
             victims = [r for cid, r in self._records.items()
                        if cid not in keep and (only is None or cid in only)]
+            if not victims:
+                return []
+            removal = asyncio.ensure_future(asyncio.to_thread(self._remove_layers, victims))
             for record in victims:
                 del self._records[record.chain_id]
-            for record in victims:
-                await asyncio.to_thread(self._layers.remove, record)
-                log.info("layer_removed", chain_id=record.chain_id)
+                self._removing[record.chain_id] = removal
+            removal.add_done_callback(lambda _: self._forget_removal(victims, removal))
+            # The deletion runs to its end even if this call is given up.
+            await asyncio.shield(removal)
         return victims
+
+    def _remove_layers(self, victims: list[LayerRecord]) -> None:
+        for record in victims:
+            self._layers.remove(record)
+            log.info("layer_removed", chain_id=record.chain_id)
+
+    def _forget_removal(self, victims: list[LayerRecord], removal: asyncio.Future[Any]) -> None:
+        for record in victims:
+            if self._removing.get(record.chain_id) is removal:
+                del self._removing[record.chain_id]
 
     # -- root file systems ----------------------------------------------------
 
