@@ -7,10 +7,12 @@ unpacked them (empty until then, and for images pulled before it was kept).
 
 A name is a repo tag (`docker.io/library/busybox:latest`) or a repo digest
 (`docker.io/library/busybox@sha256:...`); each names one image, so pulling
-a tag that moved re-points the tag. Methods are synchronous and quick; the
-service calls them through `asyncio.to_thread`. A write that finds the file
-system full ("database or disk is full") raises ResourceExhausted and
-changes nothing.
+a tag that moved re-points the tag, but only once the new image is ready:
+until then the pull's names wait in `pending_names`, and a pull that fails
+leaves the tag on the image it named before. Methods are synchronous and
+quick; the service calls them through `asyncio.to_thread`. A write that finds
+the file system full ("database or disk is full") raises ResourceExhausted
+and changes nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS images (
     pinned INTEGER NOT NULL DEFAULT 0,
     ready INTEGER NOT NULL DEFAULT 0,
     top_layer TEXT,
-    pulled_ns INTEGER NOT NULL
+    pulled_ns INTEGER NOT NULL,
+    pending_names TEXT
 );
 CREATE TABLE IF NOT EXISTS names (
     name TEXT PRIMARY KEY,
@@ -49,7 +52,7 @@ CREATE TABLE IF NOT EXISTS names (
 CREATE INDEX IF NOT EXISTS names_by_image ON names(image_id);
 """
 # Columns added since the first schema: a database from before gets them, empty.
-ADDED_COLUMNS = {"meta_size": "INTEGER", "unpacked_size": "INTEGER"}
+ADDED_COLUMNS = {"meta_size": "INTEGER", "unpacked_size": "INTEGER", "pending_names": "TEXT"}
 
 
 class ImageRecords:
@@ -104,24 +107,24 @@ class ImageRecords:
         }
 
     def store(self, image: dict[str, Any], names: list[tuple[str, str]]) -> dict[str, Any]:
-        """Insert or refresh an image (keeping ready, top layer and pin) and point `names` at it."""
+        """Insert or refresh an image (keeping ready, top layer and pin); `names` move to it once it is ready."""
         with self._writing(f"storing image {image['id']}") as db:
             db.execute("BEGIN IMMEDIATE")
             try:
+                row = db.execute("SELECT pending_names FROM images WHERE id = ?", (image["id"],)).fetchone()
+                pending = json.loads(row["pending_names"] or "[]") if row else []
+                pending += [[name, kind] for name, kind in names if [name, kind] not in pending]
                 db.execute(
                     "INSERT INTO images (id, manifest_digest, manifest_media_type, size, meta_size, config, layers,"
-                    " blobs, pinned, pulled_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " blobs, pinned, pulled_ns, pending_names) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT(id) DO UPDATE SET pinned = max(pinned, excluded.pinned),"
-                    " pulled_ns = excluded.pulled_ns, meta_size = excluded.meta_size, blobs = ("
+                    " pulled_ns = excluded.pulled_ns, meta_size = excluded.meta_size,"
+                    " pending_names = excluded.pending_names, blobs = ("
                     "   SELECT json_group_array(DISTINCT value) FROM ("
                     "     SELECT value FROM json_each(images.blobs) UNION SELECT value FROM json_each(excluded.blobs)))",
                     (image["id"], image["manifest_digest"], image["manifest_media_type"], image["size"],
                      image.get("meta_size"), json.dumps(image["config"]), json.dumps(image["layers"]), json.dumps(image["blobs"]),
-                     int(image.get("pinned", False)), time.time_ns()))
-                for name, kind in names:
-                    db.execute("INSERT INTO names (name, kind, image_id) VALUES (?, ?, ?)"
-                               " ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id, kind = excluded.kind",
-                               (name, kind, image["id"]))
+                     int(image.get("pinned", False)), time.time_ns(), json.dumps(pending)))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:  # SQLite rolls back by itself after some errors, a full disk among them
@@ -129,6 +132,27 @@ class ImageRecords:
                 raise
             row = db.execute("SELECT * FROM images WHERE id = ?", (image["id"],)).fetchone()
             return self._record(row)
+
+    def mark_ready(self, image_id: str) -> bool:
+        """The image is usable: list it, and move the names its pulls asked for to it."""
+        with self._writing(f"marking image {image_id} ready") as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT pending_names FROM images WHERE id = ?", (image_id,)).fetchone()
+                if row is None:
+                    db.execute("ROLLBACK")
+                    return False
+                for name, kind in json.loads(row["pending_names"] or "[]"):
+                    db.execute("INSERT INTO names (name, kind, image_id) VALUES (?, ?, ?)"
+                               " ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id, kind = excluded.kind",
+                               (name, kind, image_id))
+                db.execute("UPDATE images SET ready = 1, pending_names = NULL WHERE id = ?", (image_id,))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return True
 
     def get(self, image_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -153,8 +177,9 @@ class ImageRecords:
             return [self._record(r) for r in self._db.execute(sql).fetchall()]
 
     def update(self, image_id: str, **fields: Any) -> bool:
-        allowed = {"ready", "top_layer", "pinned", "unpacked_size"}
-        assert set(fields) <= allowed
+        """Change some fields; `ready` goes down here (missing blobs), up only through `mark_ready`."""
+        allowed = {"ready", "top_layer", "pinned", "unpacked_size", "pending_names"}
+        assert set(fields) <= allowed and fields.get("ready", 0) == 0
         with self._writing(f"updating image {image_id}") as db:
             sets = ", ".join(f"{k} = ?" for k in fields)
             cur = db.execute(f"UPDATE images SET {sets} WHERE id = ?", (*fields.values(), image_id))

@@ -209,17 +209,24 @@ class Imaged(Service):
 
     @method(idempotent=True)
     async def mark_ready(self, image_id: str) -> dict:
+        """List the image, and move to it the names (tags, digests) its pulls asked for."""
         assert self.records is not None
-        if not await asyncio.to_thread(self.records.update, image_id, ready=1):
+        if not await asyncio.to_thread(self.records.mark_ready, image_id):
             raise NotFound(f"image {image_id} not found")
         return {"image_id": image_id, "ready": True}
 
     @method(idempotent=True)
     async def abandon(self, image_id: str) -> dict:
-        """Undo a pull that failed after its fetch: drop its record, unless ready, and the blobs only it needed."""
+        """Undo a pull that failed after its fetch: drop its record, unless ready, and the blobs only it needed.
+
+        The names the pull asked for stay where they were.
+        """
         assert self.records is not None
         record = await asyncio.to_thread(self.records.get, image_id)
-        if record is None or record["ready"]:
+        if record is None:
+            return {"image_id": image_id, "removed": False}
+        if record["ready"]:
+            await asyncio.to_thread(self.records.update, image_id, pending_names=None)
             return {"image_id": image_id, "removed": False}
         await asyncio.to_thread(self.records.delete, image_id)
         self._gc_pending = True

@@ -79,6 +79,7 @@ def test_a_full_disk_fails_record_writes_with_resource_exhausted(tmp_path):
 
             filler.unlink()
             records.store(_image(2, 256 << 10), [("example.com/b:latest", "tag")])
+            assert records.mark_ready(_image(2, 0)["id"])  # names move to an image once it is ready
             assert json.dumps(records.by_name("example.com/b:latest")["config"]).count("x") == 256 << 10
             assert records.get(_image(1, 0)["id"])["unpacked_size"] is None
         finally:
