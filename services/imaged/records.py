@@ -13,6 +13,11 @@ leaves the tag on the image it named before. Methods are synchronous and
 quick; the service calls them through `asyncio.to_thread`. A write that finds
 the file system full ("database or disk is full") raises ResourceExhausted
 and changes nothing.
+
+Each ready image also has a JSON copy of its record beside the database
+(record_copies.py). A database found damaged at start (garbage, truncated: a
+power cut, a disk fault) is moved to quarantine/ and made again from those
+copies; an empty or new database is filled from them too.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import structlog
+
+from services.imaged import quarantine
+from services.imaged.record_copies import RecordCopies
 from shared.errors import out_of_space
+
+log = structlog.get_logger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -53,22 +64,117 @@ CREATE INDEX IF NOT EXISTS names_by_image ON names(image_id);
 """
 # Columns added since the first schema: a database from before gets them, empty.
 ADDED_COLUMNS = {"meta_size": "INTEGER", "unpacked_size": "INTEGER", "pending_names": "TEXT"}
+# The columns a record's copy restores (the rest are its names, and `ready`).
+_COPIED = ("id", "manifest_digest", "manifest_media_type", "size", "meta_size", "unpacked_size", "config",
+           "layers", "blobs", "pinned", "top_layer", "pulled_ns")
+
+
+class _Damaged(Exception):
+    """The database's own check found it broken."""
+
+
+def _is_damage(error: BaseException) -> bool:
+    if isinstance(error, _Damaged):
+        return True
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.DatabaseError) and code is not None and \
+        code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
+    """The database at `path`, checked and with the current schema; and whether it had no images table."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        # Reads every page: a few milliseconds for the few hundred images of a node.
+        problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise _Damaged("; ".join(problems[:5]))
+        new = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'images'").fetchone() is None
+        db.executescript(SCHEMA)
+        present = {row["name"] for row in db.execute("PRAGMA table_info(images)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
+    except BaseException:
+        db.close()
+        raise
+    return db, new
 
 
 class ImageRecords:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        present = {row["name"] for row in self._db.execute("PRAGMA table_info(images)")}
-        for column, kind in ADDED_COLUMNS.items():
-            if column not in present:
-                self._db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
+        self._copies = RecordCopies(path.parent / "records", path.parent)
+        try:
+            self._db, new = _connect(path)
+        except (sqlite3.DatabaseError, _Damaged) as e:
+            if not _is_damage(e):
+                raise
+            # The WAL and shared-memory files belong to the damaged database: they go with it.
+            quarantine.set_aside(path.parent, [path.with_name(path.name + suffix) for suffix in ("", "-wal", "-shm")],
+                                 kind="image_database", name=path.name, error=str(e))
+            self._db, new = _connect(path)
+        if new:
+            self._restore()
+        else:
+            self._refresh_copies()
+
+    def _restore(self) -> None:
+        """Fill a new database from the records' copies; a name two copies claim goes to the image pulled last."""
+        copies = sorted(self._copies.read_all(), key=lambda c: c[1]["pulled_ns"])
+        restored = 0
+        for image_id, copy in copies:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    f"INSERT INTO images ({', '.join(_COPIED)}, ready) VALUES ({', '.join('?' * len(_COPIED))}, 1)",
+                    [json.dumps(copy[c]) if c in ("config", "layers", "blobs") else copy[c] for c in _COPIED])
+                for kind, key in (("tag", "repo_tags"), ("digest", "repo_digests")):
+                    for name in copy[key]:
+                        self._db.execute("INSERT INTO names (name, kind, image_id) VALUES (?, ?, ?) ON CONFLICT(name)"
+                                         " DO UPDATE SET image_id = excluded.image_id, kind = excluded.kind",
+                                         (name, kind, copy["id"]))
+                self._db.execute("COMMIT")
+            except (KeyError, TypeError, ValueError, sqlite3.Error) as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._copies.set_aside(image_id, f"cannot be restored: {e!r:.200}")
+                continue
+            restored += 1
+        if copies:
+            log.warning("image_records_restored", images=restored, database=str(self.path))
+
+    def _refresh_copies(self) -> None:
+        """Make the copies match the database: written for each ready image, gone for the others."""
+        ready = {}
+        for row in self._db.execute("SELECT * FROM images WHERE ready = 1"):
+            ready[row["id"]] = self._record(row)
+        found = dict(self._copies.read_all())
+        for image_id, record in ready.items():
+            if found.get(image_id) != _copy_of(record):
+                self._write_copy(record)
+        for image_id in found.keys() - ready.keys():
+            self._copies.remove(image_id)
+
+    def _write_copy(self, record: dict[str, Any]) -> None:
+        try:
+            self._copies.write(record["id"], _copy_of(record))
+        except OSError as e:
+            # The database stays the truth; the next start writes the copy again.
+            log.warning("image_record_copy_failed", image_id=record["id"], error=str(e))
+
+    def _sync_copy(self, image_id: str) -> None:
+        """After a write (the lock held): the image's copy follows its row."""
+        row = self._db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is not None and row["ready"]:
+            self._write_copy(self._record(row))
+        else:
+            self._copies.remove(image_id)
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -152,6 +258,7 @@ class ImageRecords:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            self._sync_copy(image_id)
             return True
 
     def get(self, image_id: str) -> dict[str, Any] | None:
@@ -183,15 +290,19 @@ class ImageRecords:
         with self._writing(f"updating image {image_id}") as db:
             sets = ", ".join(f"{k} = ?" for k in fields)
             cur = db.execute(f"UPDATE images SET {sets} WHERE id = ?", (*fields.values(), image_id))
+            self._sync_copy(image_id)
             return cur.rowcount > 0
 
     def remove_name(self, name: str) -> None:
         with self._writing(f"removing image name {name}") as db:
-            db.execute("DELETE FROM names WHERE name = ?", (name,))
+            row = db.execute("DELETE FROM names WHERE name = ? RETURNING image_id", (name,)).fetchone()
+            if row is not None:
+                self._sync_copy(row["image_id"])
 
     def delete(self, image_id: str) -> None:
         with self._writing(f"removing image {image_id}") as db:
             db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+            self._copies.remove(image_id)
 
     def referenced_blobs(self) -> set[str]:
         """Every blob digest some image record needs."""
@@ -201,3 +312,8 @@ class ImageRecords:
                 out.update(layer["digest"] for layer in json.loads(row["layers"]))
                 out.update(json.loads(row["blobs"]))
         return out
+
+
+def _copy_of(record: dict[str, Any]) -> dict[str, Any]:
+    """What a record's copy keeps: enough to restore its row and names."""
+    return {**{c: record[c] for c in _COPIED}, "repo_tags": record["repo_tags"], "repo_digests": record["repo_digests"]}

@@ -102,6 +102,9 @@ class Imaged(Service):
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
         self.puller = Puller(self.config, self.http, self.store, self.records, self.registries)
         images = await asyncio.to_thread(self._reconcile_sync)
+        # Blobs a killed pull stored, or images lost with a damaged database, left: no record needs them.
+        self._gc_pending = True
+        await self._sweep_blobs()
         log.info("imaged_started", state_dir=str(self.state_dir), images=len(images),
                  not_ready=sum(1 for i in images if not i["ready"]))
         self.ready = True
@@ -111,13 +114,19 @@ class Imaged(Service):
         assert self.records is not None
         images = self.records.all(ready_only=False)
         for image in images:
-            needed = [(l["digest"], l["size"]) for l in image["layers"]] + [(d, None) for d in image["blobs"]]
-            missing = [d for d, size in needed if not self.store.has(d, size)]
-            if missing and image["ready"]:
-                self.records.update(image["id"], ready=0)
+            if image["ready"] and self._hide_if_incomplete(image):
                 image["ready"] = False
-                log.warning("image_blobs_missing", image_id=image["id"], missing=missing)
         return images
+
+    def _hide_if_incomplete(self, image: dict[str, Any]) -> bool:
+        """Whether blobs of the image are missing; if so it is no longer listed (not ready), to be pulled again."""
+        assert self.records is not None
+        needed = [(l["digest"], l["size"]) for l in image["layers"]] + [(d, None) for d in image["blobs"]]
+        missing = [d for d, size in needed if not self.store.has(d, size)]
+        if missing:
+            self.records.update(image["id"], ready=0)
+            log.warning("image_blobs_missing", image_id=image["id"], missing=missing)
+        return bool(missing)
 
     async def stop(self) -> None:
         self.ready = False
@@ -233,6 +242,22 @@ class Imaged(Service):
         await self._sweep_blobs()
         log.info("image_pull_abandoned", image_id=image_id)
         return {"image_id": image_id, "removed": True}
+
+    @method(idempotent=True)
+    async def layer_blobs(self, image_id: str) -> dict:
+        """A ready image's layers with the paths of their blobs, for storaged to unpack them again.
+
+        An image some of whose blobs are gone is no longer listed (NotFound):
+        the kubelet, finding it absent, pulls it again.
+        """
+        assert self.records is not None
+        record = await asyncio.to_thread(self.records.get, image_id)
+        if record is None or not record["ready"]:
+            raise NotFound(f"image {image_id} is not pulled")
+        if await asyncio.to_thread(self._hide_if_incomplete, record):
+            raise NotFound(f"image {image_id} is not pulled any more: blobs of it are missing from the store")
+        return {"image_id": image_id, "top_layer": record["top_layer"],
+                "layers": [{**l, "path": str(self.store.path(l["digest"]))} for l in record["layers"]]}
 
     @method(idempotent=True)
     async def set_top_layer(self, image_id: str, top_layer: str | None,
