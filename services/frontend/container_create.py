@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from cri_api.v1 import api_pb2
 
+from services.frontend import image_layers
 from services.frontend.registry import CallContext, cri_method
 from services.frontend.runtime_convert import Story, detached, note_if_stalled, remaining, to_dict
 from shared.errors import InvalidArgument, NotFound
@@ -40,8 +41,7 @@ async def create_container(request: api_pb2.CreateContainerRequest,
             record = await story.step("imaged", "image_status", reference=image)
             if record is None:
                 raise NotFound(f"image {image} is not pulled")
-            rootfs = await story.step("storaged", "create_rootfs", container_id=container_id,
-                                      top_layer=record.get("top_layer"))
+            rootfs = await image_layers.create_rootfs(story, container_id, record)
             rootfs_made = True
             await story.step("runtimed", "create_container", container_id=container_id,
                              rootfs=rootfs["rootfs"], image=record)

@@ -1,13 +1,23 @@
-"""PullImage: imaged fetches and verifies, storaged unpacks, imaged marks the image ready."""
+"""PullImage: imaged fetches and verifies, storaged unpacks, imaged marks the image ready.
+
+The story runs on when the kubelet gives up (its deadline), so that a pull
+either completes (the kubelet's retry joins or finds it) or is undone: a
+record that never becomes ready does not stay behind. The unpacked layers
+are leased until imaged lists the image (see image_layers.py), so that a
+RemoveImage meanwhile cannot delete them.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import structlog
 from cri_api.v1 import api_pb2
 
+from services.frontend import image_layers
 from services.frontend.image_convert import auth_params, image_reference
 from services.frontend.registry import CallContext, cri_method
-from services.frontend.runtime_convert import Story
+from services.frontend.runtime_convert import Story, detached
 from shared import metrics
 from shared.errors import CriopyError
 
@@ -27,27 +37,34 @@ async def pull_image(request: api_pb2.PullImageRequest, call: CallContext) -> ap
 
 
 async def _pull(reference: str, auth: api_pb2.AuthConfig, call: CallContext) -> str:
-    # A failed fetch leaves no temporary file (nor, on a full disk, its blobs); a failed unpack no layer.
-    pulled = await call.daemon("imaged", "pull", reference=reference, auth=auth_params(auth))
-    image_id = pulled["image_id"]
-    unpacked = None
-    try:
-        unpacked = await call.daemon("storaged", "unpack", layers=pulled["layers"])
-        # The image's size is its layers as unpacked: storaged measured them, imaged keeps the record.
-        await call.daemon("imaged", "set_top_layer", image_id=image_id, top_layer=unpacked.get("top_layer"),
-                          unpacked_size=unpacked["unpacked_size"])
-        await call.daemon("imaged", "mark_ready", image_id=image_id)
-    except CriopyError:
-        # A pull that fails leaves the stores as it found them: the record that never became
-        # ready goes, with the blobs only it needed, then the layers unpacked for it that no
-        # other image uses. A retry starts over (a full disk needs that room back).
-        story = Story(call, f"image {reference}")
-        await story.undo("imaged", "abandon", image_id=image_id)
-        if unpacked is not None:
-            keep = await story.undo("imaged", "top_layers")
-            if keep is not None:
-                await story.undo("storaged", "gc_layers", keep_top_layers=keep, only=unpacked["chain_ids"])
-        raise
-    log.info("image_pulled", image=reference, image_id=image_id, layers=len(pulled["layers"]),
-             unpacked_size=unpacked["unpacked_size"])
-    return image_id
+    story = Story(call, f"image {reference}")
+    lease = f"pull {call.request_id}"
+
+    async def pull() -> str:
+        # A failed fetch leaves no temporary file (nor, on a full disk, its blobs); a failed unpack no layer.
+        pulled = await story.step("imaged", "pull", reference=reference, auth=auth_params(auth))
+        image_id = pulled["image_id"]
+        unpacked: dict[str, Any] | None = None
+        try:
+            unpacked = await image_layers.unpack(story, pulled["layers"], lease)
+            # The image's size is its layers as unpacked: storaged measured them, imaged keeps the record.
+            await story.step("imaged", "set_top_layer", image_id=image_id, top_layer=unpacked.get("top_layer"),
+                             unpacked_size=unpacked["unpacked_size"])
+            # Its names (a tag that moved) go to it only now.
+            await story.step("imaged", "mark_ready", image_id=image_id)
+        except BaseException:
+            # A pull that fails leaves the stores as it found them: the record that never became
+            # ready goes, with the blobs only it needed, then the layers unpacked for it that no
+            # other image uses. A retry starts over (a full disk needs that room back).
+            await story.undo("imaged", "abandon", image_id=image_id)
+            await image_layers.release(story, lease)
+            if unpacked is not None:
+                await image_layers.collect(story.undo, only=unpacked["chain_ids"])
+            raise
+        # imaged lists the image now, and its top layer keeps the layers.
+        await image_layers.release(story, lease)
+        log.info("image_pulled", image=reference, image_id=image_id, layers=len(pulled["layers"]),
+                 unpacked_size=unpacked["unpacked_size"])
+        return image_id
+
+    return await detached(story, pull, answer_by=call.deadline)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 from cri_api.v1 import api_pb2
 
+from services.frontend import image_layers
 from services.frontend.image_convert import image_reference
 from services.frontend.registry import CallContext, cri_method
 
@@ -22,7 +23,6 @@ async def remove_image(request: api_pb2.RemoveImageRequest, call: CallContext) -
     # Also when the image was already gone: a removal whose layer collection
     # failed is finished by the kubelet's retry.
     if removed.get("deleted") or removed.get("image_id") is None:
-        keep = await call.daemon("imaged", "top_layers")
-        gc = await call.daemon("storaged", "gc_layers", keep_top_layers=keep)
-        log.info("image_layers_collected", image=reference, removed=len(gc.get("removed", [])))
+        gc = await image_layers.collect(call.daemon)
+        log.info("image_layers_collected", image=reference, removed=len((gc or {}).get("removed", [])))
     return api_pb2.RemoveImageResponse()

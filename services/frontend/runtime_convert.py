@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from services.frontend.registry import CallContext
 from shared import metrics
+from shared.errors import DeadlineExceeded
 
 log = structlog.get_logger(__name__)
 
@@ -66,9 +67,11 @@ class Story:
         self.call = call
         self.key = key
         self.deadline = call.deadline + DETACHED_GRACE
+        self.at = ""  # the step running, "daemon.method"
 
     async def step(self, daemon: str, method: str, **params: Any) -> Any:
         _in_progress[self.key] = _STAGES.get((daemon, method), f"{daemon} {method}")
+        self.at = f"{daemon}.{method}"
         return await self.call.daemons.call(daemon, method, deadline=self.deadline, **params)
 
     def finished(self) -> None:
@@ -83,8 +86,12 @@ class Story:
             return None
 
 
-async def detached(story: Story, work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work` to its end even if the gRPC call is cancelled (the kubelet's deadline)."""
+async def detached(story: Story, work: Callable[[], Awaitable[T]], *, answer_by: float | None = None) -> T:
+    """Run `work` to its end even if the gRPC call is cancelled (the kubelet's deadline).
+
+    With `answer_by` (a unix time), the caller hears DeadlineExceeded then, naming the step the
+    work is at, while the work goes on.
+    """
 
     async def run() -> T:
         try:
@@ -95,4 +102,10 @@ async def detached(story: Story, work: Callable[[], Awaitable[T]]) -> T:
     task = asyncio.ensure_future(run())
     # When nobody waits any more, its failure was already undone and logged by the bus client.
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    return await asyncio.shield(task)
+    if answer_by is None:
+        return await asyncio.shield(task)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), max(0.0, answer_by - time.time()))
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded(f"{story.at or story.key} did not complete before the caller's deadline; "
+                               "it goes on, and a retry finds its result") from None

@@ -1,7 +1,8 @@
-"""PullImage's story: what the frontend undoes when a step after the fetch fails."""
+"""PullImage's story: what the frontend undoes when a step after the fetch fails, and the lease on its layers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -18,14 +19,26 @@ CHAIN = ["sha256:" + "a" * 64, "sha256:" + "b" * 64]
 
 
 class ScriptedDaemons:
-    """Answers bus calls from a script; a step named in `failing` raises ResourceExhausted."""
+    """Answers bus calls from a script; a step named in `failing` raises ResourceExhausted.
 
-    def __init__(self, failing: tuple[str, str]) -> None:
+    A step named in `gate` waits until the test opens it.
+    """
+
+    def __init__(self, failing: tuple[str, str] | None = None, gate: tuple[str, str] | None = None) -> None:
         self.failing = failing
+        self.gate = gate
+        self.opened = asyncio.Event()
+        self.reached = asyncio.Event()
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.collected = asyncio.Event()
 
     async def call(self, daemon: str, method: str, *, deadline: float, **params: Any) -> Any:
         self.calls.append((daemon, method, params))
+        if method == "gc_layers":
+            self.collected.set()
+        if (daemon, method) == self.gate:
+            self.reached.set()
+            await self.opened.wait()
         if (daemon, method) == self.failing:
             raise errors.ResourceExhausted(f"{daemon}.{method}: no space left")
         return {
@@ -34,28 +47,72 @@ class ScriptedDaemons:
             ("imaged", "top_layers"): ["sha256:" + "c" * 64],
         }.get((daemon, method), {})
 
+    def steps(self) -> list[tuple[str, str]]:
+        return [(d, m) for d, m, _ in self.calls]
+
+
+def call_context(daemons: ScriptedDaemons) -> CallContext:
+    return CallContext(daemons=daemons, config=Config(), deadline=time.time() + 30, request_id="r1",
+                       grpc_context=None)  # type: ignore[arg-type]
+
 
 async def pull(daemons: ScriptedDaemons) -> None:
-    call = CallContext(daemons=daemons, config=Config(), deadline=time.time() + 30, request_id="r1",
-                       grpc_context=None)  # type: ignore[arg-type]
     with pytest.raises(errors.ResourceExhausted):
-        await image_pull._pull("example.com/a:latest", api_pb2.AuthConfig(), call)
+        await image_pull._pull("example.com/a:latest", api_pb2.AuthConfig(), call_context(daemons))
+
+
+async def test_a_pull_leases_its_layers_until_imaged_lists_the_image() -> None:
+    daemons = ScriptedDaemons()
+    assert await image_pull._pull("example.com/a:latest", api_pb2.AuthConfig(), call_context(daemons)) == IMAGE
+    assert daemons.steps() == [("imaged", "pull"), ("storaged", "unpack"), ("imaged", "set_top_layer"),
+                               ("imaged", "mark_ready"), ("storaged", "release_layers")]
+    lease = daemons.calls[1][2]["lease"]
+    assert lease and daemons.calls[1][2]["lease_seconds"] > 30
+    assert daemons.calls[-1][2] == {"lease": lease}
 
 
 async def test_a_failed_unpack_abandons_the_fetched_image() -> None:
     daemons = ScriptedDaemons(failing=("storaged", "unpack"))
     await pull(daemons)
     # storaged undid its own unpack; imaged drops the record that never became ready.
-    assert [(d, m) for d, m, _ in daemons.calls] == [
-        ("imaged", "pull"), ("storaged", "unpack"), ("imaged", "abandon")]
-    assert daemons.calls[-1][2] == {"image_id": IMAGE}
+    assert daemons.steps() == [
+        ("imaged", "pull"), ("storaged", "unpack"), ("imaged", "abandon"), ("storaged", "release_layers")]
+    assert daemons.calls[2][2] == {"image_id": IMAGE}
 
 
 @pytest.mark.parametrize("step", [("imaged", "set_top_layer"), ("imaged", "mark_ready")])
 async def test_a_failure_after_the_unpack_also_releases_the_layers(step: tuple[str, str]) -> None:
     daemons = ScriptedDaemons(failing=step)
     await pull(daemons)
-    undo = [(d, m, p) for d, m, p in daemons.calls if m in ("abandon", "top_layers", "gc_layers")]
-    # Only this pull's layers are candidates, and those another image's stack needs are kept.
-    assert undo == [("imaged", "abandon", {"image_id": IMAGE}), ("imaged", "top_layers", {}),
+    undo = [(d, m, p) for d, m, p in daemons.calls if m in ("abandon", "release_layers", "top_layers", "gc_layers")]
+    # The lease ends first, then only this pull's layers are candidates, and those another image's stack needs are kept.
+    assert undo == [("imaged", "abandon", {"image_id": IMAGE}),
+                    ("storaged", "release_layers", {"lease": daemons.calls[1][2]["lease"]}),
+                    ("imaged", "top_layers", {}),
                     ("storaged", "gc_layers", {"keep_top_layers": ["sha256:" + "c" * 64], "only": CHAIN})]
+
+
+async def test_a_pull_the_caller_gives_up_on_is_still_undone() -> None:
+    daemons = ScriptedDaemons(failing=("imaged", "mark_ready"), gate=("imaged", "set_top_layer"))
+    handler = asyncio.ensure_future(image_pull._pull("example.com/a:latest", api_pb2.AuthConfig(),
+                                                     call_context(daemons)))
+    await daemons.reached.wait()
+    handler.cancel()  # what gRPC does when the kubelet's deadline passes
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    daemons.opened.set()
+    await asyncio.wait_for(daemons.collected.wait(), 10)
+    assert daemons.steps()[-5:] == [("imaged", "mark_ready"), ("imaged", "abandon"), ("storaged", "release_layers"),
+                                    ("imaged", "top_layers"), ("storaged", "gc_layers")]
+
+
+async def test_past_its_deadline_the_caller_hears_where_the_pull_is_and_the_pull_goes_on() -> None:
+    daemons = ScriptedDaemons(gate=("imaged", "set_top_layer"))
+    call = call_context(daemons)
+    call.deadline = time.time() + 0.2
+    with pytest.raises(errors.DeadlineExceeded, match="imaged.set_top_layer did not complete"):
+        await image_pull._pull("example.com/a:latest", api_pb2.AuthConfig(), call)
+    daemons.opened.set()
+    while ("storaged", "release_layers") not in daemons.steps():
+        await asyncio.sleep(0)
+    assert daemons.steps()[-2:] == [("imaged", "mark_ready"), ("storaged", "release_layers")]
