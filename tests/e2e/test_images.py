@@ -315,3 +315,78 @@ def test_pull_past_its_deadline_is_deadline_exceeded(image_stack: Stack, registr
     # crio-py's own answers (those that beat the client's timer) say DEADLINE_EXCEEDED too, and what was waited on.
     assert answered and {a["code"] for a in answered} == {"DEADLINE_EXCEEDED"}, answered
     assert all("imaged.pull" in a["error"] for a in answered)
+
+
+class LyingLayer(images.Layer):
+    """A layer whose image config declares a diff_id its content does not have: storaged refuses to unpack it."""
+
+    @property
+    def diff_id(self) -> str:
+        return images.sha256(b"not this layer")
+
+
+def wait_for_log(stack: Stack, since: int, event: str, timeout: float = 60.0, **fields: str) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        for line in stack.logs()[since:].splitlines():
+            if f'"{event}"' in line:
+                entry = json.loads(line)
+                if all(entry.get(k) == v for k, v in fields.items()):
+                    return entry
+        assert time.time() < deadline, f"no {event} {fields} in the log"
+        time.sleep(0.1)
+
+
+def test_a_pull_the_kubelet_gave_up_on_still_completes(image_stack: Stack, registries) -> None:
+    hostile = registries[2]
+    image = images.Image([images.busybox_layer(), images.platform_layer("given-up")])
+    pushed = hostile.serve_image("e2e/given-up", "latest", image)
+    hostile.routes[f"/v2/e2e/given-up/blobs/{image.layers[1].digest}"].delay = 3.0
+    with pytest.raises(grpc.RpcError) as e:
+        image_stack.images.PullImage(api_pb2.PullImageRequest(image=spec(pushed.ref)), timeout=1)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Nobody waits for it any more, and it is carried to its end: the kubelet's retry finds the image.
+    deadline = time.time() + 60
+    while not status(image_stack, pushed.ref).HasField("image"):
+        assert time.time() < deadline, "the pull given up on never completed"
+        time.sleep(0.2)
+    assert pull(image_stack, pushed.ref) == pushed.image_id
+
+
+def test_a_pull_the_kubelet_gave_up_on_is_undone_when_it_fails(image_stack: Stack, registries) -> None:
+    hostile = registries[2]
+    lying = LyingLayer(images.build_tar([images.file_entry("etc/lie", b"lie\n")]))
+    pushed = hostile.serve_image("e2e/given-up-bad", "latest", images.Image([images.busybox_layer(), lying]))
+    hostile.routes[f"/v2/e2e/given-up-bad/blobs/{lying.digest}"].delay = 3.0
+    since = len(image_stack.logs())
+    with pytest.raises(grpc.RpcError) as e:
+        image_stack.images.PullImage(api_pb2.PullImageRequest(image=spec(pushed.ref)), timeout=1)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Its unpack fails after the kubelet gave up: the undo still runs, and no record that never
+    # became ready stays behind.
+    wait_for_log(image_stack, since, "image_pull_abandoned", image_id=pushed.image_id)
+    db = sqlite3.connect(f"file:{image_stack.dirs.root / 'imaged' / 'images.db'}?mode=ro", uri=True)
+    try:
+        assert db.execute("SELECT id FROM images WHERE id = ?", (pushed.image_id,)).fetchall() == []
+    finally:
+        db.close()
+    assert not (image_stack.dirs.root / "imaged" / "blobs" / "sha256" / lying.digest.split(":")[1]).exists()
+
+
+def test_a_tag_moves_to_the_new_image_only_once_it_is_ready(image_stack: Stack, registries) -> None:
+    hostile = registries[2]
+    old = hostile.serve_image("e2e/moving", "v1", images.Image([images.busybox_layer(), images.platform_layer("old")]))
+    assert pull(image_stack, old.ref) == old.image_id
+    # The tag moves to an image that cannot be unpacked: the failed pull leaves the tag where it was.
+    lying = LyingLayer(images.build_tar([images.file_entry("etc/lie", b"lie\n")]))
+    broken = hostile.serve_image("e2e/moving", "v1", images.Image([images.busybox_layer(), lying]))
+    assert broken.ref == old.ref and broken.image_id != old.image_id
+    assert rpc_error(pull, image_stack, broken.ref).code() == grpc.StatusCode.INVALID_ARGUMENT
+    st = status(image_stack, old.ref)
+    assert st.image.id == old.image_id and old.ref in st.image.repo_tags
+    assert [i.id for i in listed(image_stack, old.ref)] == [old.image_id]
+    # Moved to an image that works, the tag follows it; the old image stays, by its id.
+    new = hostile.serve_image("e2e/moving", "v1", images.Image([images.busybox_layer(), images.platform_layer("new")]))
+    assert pull(image_stack, new.ref) == new.image_id
+    assert status(image_stack, new.ref).image.id == new.image_id
+    assert list(status(image_stack, old.image_id).image.repo_tags) == []

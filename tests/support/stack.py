@@ -89,9 +89,14 @@ class Stack:
     dirs: Dirs
     process: subprocess.Popen[bytes]
     log_path: Path
+    flags: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
     channel: grpc.Channel = field(init=False)
 
     def __post_init__(self) -> None:
+        self._connect()
+
+    def _connect(self) -> None:
         self.channel = grpc.insecure_channel(f"unix://{self.dirs.socket}")
         self.runtime = api_pb2_grpc.RuntimeServiceStub(self.channel)
         self.images = api_pb2_grpc.ImageServiceStub(self.channel)
@@ -124,6 +129,13 @@ class Stack:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def restart(self) -> None:
+        """Start crio-py again on the same directories and flags, after `stop` (its log goes on)."""
+        assert self.process.poll() is not None, "stop it first"
+        self.process = _launch(self.dirs, self.log_path, self.flags, self.env, "ab")
+        self._connect()
+        self.wait_ready()
+
     def stop(self) -> int:
         self.channel.close()
         if self.process.poll() is None:
@@ -136,14 +148,19 @@ class Stack:
         return self.process.returncode
 
 
+def _launch(dirs: Dirs, log_path: Path, flags: tuple[str, ...], env: dict[str, str] | None,
+            mode: str) -> subprocess.Popen[bytes]:
+    with open(log_path, mode) as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *dirs.flags(*flags), "run"],
+            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
 def start_stack(dirs: Dirs, *extra_flags: str, env: dict[str, str] | None = None) -> Stack:
     dirs.make()
     log_path = dirs.base / "criopy.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *dirs.flags(*extra_flags), "run"],
-            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    stack = Stack(dirs, process, log_path)
+    process = _launch(dirs, log_path, extra_flags, env, "wb")
+    stack = Stack(dirs, process, log_path, extra_flags, env)
     try:
         stack.wait_ready()
     except BaseException:
