@@ -30,6 +30,14 @@ def ready(records: ImageRecords, n: int, *names: str) -> None:
     assert records.mark_ready(image(n)["id"])
 
 
+def made(path: Path, *tags: str) -> None:
+    """A database with one ready image per tag (images 1, 2...), closed."""
+    records = ImageRecords(path)
+    for n, tag in enumerate(tags, 1):
+        ready(records, n, tag)
+    records.close()
+
+
 def damage(path: Path, how: str) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if how == "half" else os.urandom(len(data)))
@@ -88,10 +96,7 @@ def test_a_damaged_database_is_set_aside_and_made_again_from_the_copies(tmp_path
 
 def test_names_two_copies_claim_go_to_the_image_pulled_last(tmp_path: Path) -> None:
     path = tmp_path / "images.db"
-    records = ImageRecords(path)
-    ready(records, 1, TAG)
-    ready(records, 2, TAG)
-    records.close()
+    made(path, TAG, TAG)
     copies = tmp_path / "records"
     # As if the copy of image 1 was written last, with the tag it had then.
     first = json.loads((copies / f"{1:064x}.json").read_text())
@@ -109,10 +114,7 @@ def test_names_two_copies_claim_go_to_the_image_pulled_last(tmp_path: Path) -> N
 
 def test_copies_follow_the_database_and_a_torn_copy_is_set_aside(tmp_path: Path) -> None:
     path = tmp_path / "images.db"
-    records = ImageRecords(path)
-    ready(records, 1, TAG)
-    ready(records, 2, "example.com/b:1")
-    records.close()
+    made(path, TAG, "example.com/b:1")
     copies = tmp_path / "records"
     damage(copies / f"{1:064x}.json", "half")
     (copies / f"{2:064x}.json").unlink()
