@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.services import START_ORDER
 from tests.support import images
-from tests.support.pods import busybox_registry
+from tests.support.pods import busybox_registry, remove_pods
 from tests.support.registry import launch_registry
 from tests.support.stack import Dirs, Stack, short_tempdir, start_stack
 
@@ -309,4 +309,7 @@ def test_monitor_deaths_and_stalled_creations_are_counted(dirs: Dirs) -> None:
             stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
             assert stack.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers == []
         finally:
-            stack.stop()
+            try:
+                remove_pods(stack)  # whatever a failure above left running
+            finally:
+                stack.stop()
