@@ -25,8 +25,8 @@ from typing import Any
 
 import structlog
 
-from services.runtimed import process
 from services.runtimed.runc import Runc
+from shared import programs
 from shared.errors import FailedPrecondition, Internal, InvalidArgument
 
 log = structlog.get_logger(__name__)
@@ -48,7 +48,7 @@ async def criu_usable() -> tuple[bool, str]:
     path = criu_path()
     if path is None:
         return False, "CRIU is not installed (the criu binary is not in PATH); install the criu package"
-    result = await process.run([path, "check"], timeout=30)
+    result = await programs.run([path, "check"], timeout=30)
     if result.returncode != 0:
         lines = [ln for ln in (result.stderr + result.stdout).decode(errors="replace").splitlines() if ln.strip()]
         reason = "; ".join(lines[-3:]) or f"exit status {result.returncode}"
@@ -88,7 +88,7 @@ async def checkpoint(runc: Runc, rec: dict[str, Any], *, location: str, upper_di
         args = [runc.path, *runc.global_args(), "checkpoint", "--image-path", images, "--work-path", work,
                 "--leave-running", "--file-locks", "--tcp-established", rec["id"]]
         started = time.monotonic()
-        result = await process.run(args, timeout=timeout)
+        result = await programs.run(args, timeout=timeout)
         if result.returncode != 0:
             raise Internal(f"runc checkpoint of {rec['id']} failed: {_failure(result, work)}")
         log.info("container_checkpointed", container_id=rec["id"], seconds=round(time.monotonic() - started, 3))
@@ -98,7 +98,7 @@ async def checkpoint(runc: Runc, rec: dict[str, Any], *, location: str, upper_di
     return {"location": location, "size": os.path.getsize(location)}
 
 
-def _failure(result: process.Completed, work: str) -> str:
+def _failure(result: programs.Completed, work: str) -> str:
     text = result.stderr.decode(errors="replace").strip().splitlines()
     message = text[-1] if text else f"exit status {result.returncode}"
     try:

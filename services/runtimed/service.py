@@ -27,15 +27,15 @@ from services.runtimed import (cgroups, checkpoint, conmon, exec_session, featur
                                podfiles, process, runc, spec, stats, users)
 from services.runtimed.events import Events
 from services.runtimed.event_publisher import EventPublisher
-from services.runtimed.mounts import mount, unmount
 from services.runtimed.paths import confined_relative
 from services.runtimed.runc import Runc
 from services.runtimed.store import Store
-from shared import metrics
+from shared import metrics, mountinfo
 from shared.bus.service import Service, method
 from shared.config import Config, RuntimeHandler
 from shared.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
                            InvalidArgument, NotFound)
+from shared.mounts import mount, unmount
 from shared.reload import ReloadResult
 
 log = structlog.get_logger(__name__)
@@ -1394,8 +1394,7 @@ def _rmtree_same_fs(path: str) -> None:
     """Remove a directory tree, never descending into something still mounted."""
     if not os.path.isdir(path):
         return
-    from services.runtimed.mounts import mount_table
-    mounted = {m.mount_point for m in mount_table()}
+    mounted = {m.mount_point for m in mountinfo.current()}
     prefix = os.path.realpath(path)
     for mp in sorted((m for m in mounted if m == prefix or m.startswith(prefix + "/")), key=len, reverse=True):
         try:

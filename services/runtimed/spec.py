@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.runtimed import cgroups, seccomp, users
-from services.runtimed.mounts import mount_of
 from services.runtimed.paths import clean_absolute, resolve_in_root
 from shared import privileges
+from shared.mountinfo import mount_of
 from shared.config import RuntimeConfig
 from shared.errors import InvalidArgument
 

@@ -1,7 +1,8 @@
-"""runtimed's records: one JSON file per pod sandbox and per container, written atomically.
+"""runtimed's records on disk: one JSON file per pod sandbox and per container, written atomically.
 
 A record is written to a temporary file, flushed to disk and renamed over the
-old one, so a SIGKILL at any moment leaves either the old or the new record.
+old one, and the rename itself is flushed (shared/atomic.py), so a SIGKILL or
+a power loss at any moment leaves either the old or the new record.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
 from typing import Any
 
 import structlog
+
+from shared import atomic
 
 log = structlog.get_logger(__name__)
 
@@ -27,21 +29,12 @@ class Store:
     def _path(self, kind: str, object_id: str) -> str:
         return os.path.join(self.directory, kind, object_id + ".json")
 
-    def _write(self, kind: str, object_id: str, data: bytes) -> None:
-        path = self._path(kind, object_id)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
     async def save(self, kind: str, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True).encode()
         # Saves of one record land in the order they were asked for.
         lock = self._locks.setdefault((kind, record["id"]), asyncio.Lock())
         async with lock:
-            await asyncio.to_thread(self._write, kind, record["id"], data)
+            await asyncio.to_thread(atomic.write_bytes, self._path(kind, record["id"]), data)
 
     async def delete(self, kind: str, object_id: str) -> None:
         self._locks.pop((kind, object_id), None)
@@ -58,7 +51,7 @@ class Store:
         directory = os.path.join(self.directory, kind)
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
-            if name.endswith(".tmp"):
+            if name.endswith(".tmp"):  # a write cut off by a crash
                 os.unlink(path)
                 continue
             if not name.endswith(".json"):

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import structlog
 
-from services.storaged import atomic, decompress
+from services.storaged import decompress
 from services.storaged.digests import hex_of
 from services.storaged.tar_extract import extract_tar
 from services.storaged.usage import measure
+from shared import atomic
 from shared.errors import InvalidArgument, NotFound
 
 log = structlog.get_logger(__name__)
@@ -167,7 +168,7 @@ class LayerStore:
                 continue
         record = LayerRecord(**{**asdict(record), "link": link})
         try:
-            atomic.write_json(str(work / RECORD), asdict(record))
+            atomic.write_json(str(work / RECORD), asdict(record), mode=0o600)
             _syncfs(str(work))
             os.rename(work, self.layer_dir(record.chain_id))
             atomic.fsync_dir(self.layers_dir)

@@ -9,12 +9,12 @@ from typing import Any
 
 import structlog
 
-from services.storaged import mountinfo, overlay
+from services.storaged import overlay
 from services.storaged.digests import chain_ids, check_digest
 from services.storaged.layer_store import LayerRecord, LayerStore
 from services.storaged.rootfs_store import CREATED, RootfsRecord, RootfsStore, check_container_id
 from services.storaged.usage import measure
-from shared import tracing
+from shared import mountinfo, tracing
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import AlreadyExists, CriopyError, InvalidArgument, NotFound

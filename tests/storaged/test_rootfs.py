@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.storaged import mountinfo, overlay
+from services.storaged import overlay
+from shared import mountinfo
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from tests.storaged import support as T
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.storaged import mountinfo
+from shared import mountinfo
 from services.storaged.service import Storaged
 from shared.bus.client import BusClient
 from shared.config import Config
