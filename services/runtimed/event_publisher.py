@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import zmq
 
+from shared.bus.sockets import Monitor
+
 if TYPE_CHECKING:
     from services.runtimed.service import Runtimed
 
@@ -62,17 +64,17 @@ class EventPublisher:
         self._release = asyncio.get_running_loop().create_task(self._release_held(monitor),
                                                                name="runtimed-events-release")
 
-    def _monitor(self) -> Any:
-        socket = getattr(self.service.publisher, "_socket", None)
-        if socket is None:
+    def _monitor(self) -> Monitor | None:
+        publisher = self.service.publisher
+        if publisher is None:
             return None
         try:
-            return socket.get_monitor_socket(zmq.EVENT_ACCEPTED)
+            return publisher.watch_subscribers()
         except zmq.ZMQError as e:
             log.warning("event_monitor_unavailable", error=str(e))
             return None
 
-    async def _release_held(self, monitor: Any) -> None:
+    async def _release_held(self, monitor: Monitor | None) -> None:
         """Send the events held during start once runtimed is ready and a subscriber is back."""
         try:
             waited = 0.0
@@ -83,18 +85,14 @@ class EventPublisher:
                 # Also with nothing held yet: an exit seen right after start must not go out
                 # before the frontend is listening again.
                 try:
-                    await asyncio.wait_for(monitor.recv_multipart(), SUBSCRIBER_WAIT)
+                    await asyncio.wait_for(monitor.next(), SUBSCRIBER_WAIT)
                     await asyncio.sleep(SUBSCRIPTION_SETTLE)
                 except asyncio.TimeoutError:
                     log.info("events_released_without_subscriber", held=len(self._held or []))
         finally:
             held, self._held = self._held or [], None
             if monitor is not None:
-                try:
-                    self.service.publisher._socket.disable_monitor()  # type: ignore[union-attr]
-                except (AttributeError, zmq.ZMQError):
-                    pass
-                monitor.close(linger=0)
+                monitor.close()
             for topic, event in held:
                 self._send(topic, event)
             if held:
