@@ -54,15 +54,9 @@ def _sources(args: argparse.Namespace) -> ConfigSources:
 
 
 async def _ask(config: Config, target: str, method: str, timeout: float, **params: Any) -> Any:
-    import zmq.asyncio
-
     from shared.bus.client import BusClient
-    from shared.services import service_class
-    from shared.supervisor import SupervisorApi
 
-    cls = SupervisorApi if target == "supervisor" else service_class(target)
-    context = zmq.asyncio.Context.instance()
-    client = BusClient(target, config.bus_endpoint(target), cls.bus_methods(), context=context)
+    client = BusClient.for_service(config, target)
     client.connect()
     try:
         return await client.call(method, deadline=time.time() + timeout, **params)

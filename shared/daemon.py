@@ -23,6 +23,8 @@ log = structlog.get_logger(__name__)
 
 def run_service(name: str, config: Config, sources: ConfigSources) -> int:
     cls = service_class(name)
+    # A class that does not implement exactly its row of the API table is refused (ApiMismatch).
+    cls.bus_methods()
     if not cls.network:
         privileges.isolate_network()
     # Capabilities are per thread: drop them while this is the only thread,

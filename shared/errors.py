@@ -97,6 +97,10 @@ class ConfigError(CriopyError):
     code = "INVALID_ARGUMENT"
 
 
+class ApiMismatch(Internal):
+    """A service's class does not implement exactly its row of the bus API table; it does not start."""
+
+
 _BY_CODE: dict[str, type[CriopyError]] = {
     cls.code: cls
     for cls in (

@@ -17,6 +17,7 @@ from services.imaged.puller import Puller
 from services.imaged.records import ImageRecords
 from services.imaged.registries_conf import RegistriesConfFile
 from shared import metrics
+from shared.bus.api import IMAGED
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotFound
@@ -64,7 +65,7 @@ def _public(record: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
 
 
 class Imaged(Service):
-    name = "imaged"
+    api = IMAGED
     # Talks to registries and writes only its own store: no capability at all.
     capabilities = frozenset()
 
@@ -165,7 +166,7 @@ class Imaged(Service):
 
     # -- the bus API -----------------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def pull(self, reference: str, auth: dict | None = None) -> dict:
         """Fetch and verify an image into the store; its record is not listed until mark_ready."""
         assert self.puller is not None
@@ -203,14 +204,14 @@ class Imaged(Service):
             removed += 1
         return removed
 
-    @method(idempotent=True)
+    @method
     async def mark_ready(self, image_id: str) -> dict:
         assert self.records is not None
         if not await asyncio.to_thread(self.records.update, image_id, ready=1):
             raise NotFound(f"image {image_id} not found")
         return {"image_id": image_id, "ready": True}
 
-    @method(idempotent=True)
+    @method
     async def set_top_layer(self, image_id: str, top_layer: str | None,
                             unpacked_size: int | None = None) -> dict:
         """Record where storaged unpacked the image, and its layers' uncompressed size; returns its size."""
@@ -225,12 +226,12 @@ class Imaged(Service):
         record = await asyncio.to_thread(self.records.get, image_id)
         return {"image_id": image_id, "top_layer": top_layer, "size": image_size(record) if record else None}
 
-    @method(idempotent=True)
+    @method
     async def image_status(self, reference: str, verbose: bool = False) -> dict | None:
         record = await self._resolve(reference)
         return None if record is None else _public(record, verbose)
 
-    @method(idempotent=True)
+    @method
     async def list_images(self, reference: str | None = None) -> list[dict]:
         assert self.records is not None
         if reference:
@@ -238,7 +239,7 @@ class Imaged(Service):
             return [] if record is None else [_public(record)]
         return [_public(r) for r in await asyncio.to_thread(self.records.all)]
 
-    @method(idempotent=True)
+    @method
     async def remove_image(self, reference: str, in_use: list[str] | None = None) -> dict:
         """Remove an image by id, tag or digest; a tag that other tags share is only untagged.
 
@@ -269,14 +270,14 @@ class Imaged(Service):
         return {"image_id": record["id"], "deleted": True,
                 "untagged": record["repo_tags"] + record["repo_digests"], "top_layer": record["top_layer"]}
 
-    @method(idempotent=True)
+    @method
     async def top_layers(self) -> list[str]:
         """The top layer of every image, ready or still being pulled: what storaged must keep."""
         assert self.records is not None
         records = await asyncio.to_thread(self.records.all, ready_only=False)
         return sorted({r["top_layer"] for r in records if r["top_layer"]})
 
-    @method(idempotent=True)
+    @method
     async def fs_info(self) -> dict:
         used, inodes = await asyncio.to_thread(disk_usage, self.state_dir)
         return {"mountpoint": str(self.state_dir), "used_bytes": used, "inodes_used": inodes,

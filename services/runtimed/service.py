@@ -31,6 +31,7 @@ from services.runtimed.paths import confined_relative
 from services.runtimed.runc import Runc
 from services.runtimed.store import Store
 from shared import metrics, mountinfo
+from shared.bus.api import RUNTIMED
 from shared.bus.service import Service, method
 from shared.config import Config, RuntimeHandler
 from shared.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
@@ -100,12 +101,10 @@ def _signal_name(value: str | None) -> str:
 
 
 class Runtimed(Service):
-    name = "runtimed"
+    api = RUNTIMED
     # runc needs whatever the containers it starts may be granted: keep every
     # capability this machine gives us (None), and no more.
     capabilities = None
-    # Container and pod events go to the frontend (GetContainerEvents); see event_publisher.py.
-    publishes_events = True
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -382,16 +381,16 @@ class Runtimed(Service):
 
     # -- sandboxes ----------------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def runtime_config(self) -> dict[str, Any]:
         return {"linux": {"cgroup_driver": "SYSTEMD" if self.systemd else "CGROUPFS"}}
 
-    @method(idempotent=True)
+    @method
     async def runtime_version(self) -> dict[str, Any]:
         _program, version = await runc.version(self._handler("").runtime_path)
         return {"runtime_name": "runc", "runtime_version": version, "runtime_api_version": "v1"}
 
-    @method(idempotent=True)
+    @method
     async def reserve_sandbox(self, config: dict, runtime_handler: str = "", timeout: float = 30.0,
                               token: str = "") -> dict:
         """Hold the pod's name; a retry of a pod still being made waits for it and gets its id."""
@@ -409,7 +408,7 @@ class Runtimed(Service):
 
         return await self._reserve("sandbox", name, config_hash, timeout, make, token)
 
-    @method(idempotent=True)
+    @method
     async def create_sandbox(self, sandbox_id: str, netns_path: str | None = None,
                              ips: list | None = None) -> dict:
         """Make the reserved pod: directory, namespaces, files, cgroup, infra process."""
@@ -439,7 +438,7 @@ class Runtimed(Service):
         log.info("sandbox_created", sandbox_id=rec["id"], name=rec["name"])
         return {"id": rec["id"], "state": "SANDBOX_READY"}
 
-    @method(idempotent=True)
+    @method
     async def release_sandbox(self, sandbox_id: str) -> dict:
         """Undo a reservation whose RunPodSandbox failed; a finished pod is left alone."""
         rec = self.sandboxes.get(sandbox_id)
@@ -635,7 +634,7 @@ class Runtimed(Service):
         for d in (run_dir, pod_dir):
             await asyncio.to_thread(_rmtree_same_fs, d)
 
-    @method(idempotent=True)
+    @method
     async def stop_sandbox(self, sandbox_id: str) -> dict:
         """Stop every container of the pod and its infra process; the pod stays listed.
         A pod that is unknown (already removed) is success, as the CRI requires: {"id"} is
@@ -657,7 +656,7 @@ class Runtimed(Service):
             self.events.emit("sandbox", "stopped", rec["id"], rec["id"])
         return {"id": rec["id"]}
 
-    @method(idempotent=True)
+    @method
     async def remove_sandbox(self, sandbox_id: str) -> dict:
         """Remove the pod and all its containers (reserved ones too, whose ids it returns
         so their rootfs can be released); a pod already gone is success."""
@@ -700,7 +699,7 @@ class Runtimed(Service):
             "runtime_handler": rec.get("runtime_handler", ""),
         }
 
-    @method(idempotent=True)
+    @method
     async def sandbox_status(self, sandbox_id: str, verbose: bool = False) -> dict:
         rec = self._sandbox(sandbox_id, visible=True)
         cfg = rec["config"]
@@ -723,7 +722,7 @@ class Runtimed(Service):
             })}
         return result
 
-    @method(idempotent=True)
+    @method
     async def list_sandboxes(self, filter: dict | None = None) -> list:
         f = filter or {}
         want_state = f.get("state")
@@ -745,7 +744,7 @@ class Runtimed(Service):
 
     # -- containers -----------------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def reserve_container(self, sandbox_id: str, config: dict, timeout: float = 30.0,
                                 token: str = "") -> dict:
         """Hold the container's name in its pod; a retry of a create in progress waits for it."""
@@ -775,7 +774,7 @@ class Runtimed(Service):
         rel = confined_relative(rel, "log_path")
         return os.path.join(log_directory, rel)
 
-    @method(idempotent=True)
+    @method
     async def create_container(self, container_id: str, rootfs: str, image: dict | None = None,
                                image_ref: str = "") -> dict:
         """Build the OCI spec and have conmon create the container with runc.
@@ -913,7 +912,7 @@ class Runtimed(Service):
                 return
             await asyncio.sleep(0.02)
 
-    @method(idempotent=True)
+    @method
     async def release_container(self, container_id: str) -> dict:
         """Undo a reservation whose CreateContainer failed; a created container is left alone."""
         rec = self.containers.get(container_id)
@@ -926,7 +925,7 @@ class Runtimed(Service):
         await self._notify()
         return {}
 
-    @method(idempotent=False)
+    @method
     async def start_container(self, container_id: str) -> dict:
         rec = self._container(container_id, visible=True)
         async with self._lock(rec["id"]):
@@ -1021,7 +1020,7 @@ class Runtimed(Service):
                 return False
             await asyncio.sleep(0.02)
 
-    @method(idempotent=True)
+    @method
     async def stop_container(self, container_id: str, timeout: int = 0) -> dict:
         """Send the stop signal, then SIGKILL after `timeout` seconds. A stopped container is
         fine, and so is an unknown one: the kubelet retries stops after a restart."""
@@ -1057,7 +1056,7 @@ class Runtimed(Service):
                 else:
                     raise Internal(f"container {rec['id']} did not exit after SIGKILL")
 
-    @method(idempotent=True)
+    @method
     async def remove_container(self, container_id: str) -> dict:
         """Stop (if needed) and remove the container; one already gone is success.
         {"id"}: the full id removed, "" when there was none."""
@@ -1101,7 +1100,7 @@ class Runtimed(Service):
             "annotations": cfg.get("annotations") or {},
         }
 
-    @method(idempotent=True)
+    @method
     async def container_status(self, container_id: str, verbose: bool = False) -> dict:
         rec = self._container(container_id, visible=True)
         await self._refresh(rec)
@@ -1138,7 +1137,7 @@ class Runtimed(Service):
             })}
         return result
 
-    @method(idempotent=True)
+    @method
     async def list_containers(self, filter: dict | None = None) -> list:
         f = filter or {}
         want_state = f.get("state")
@@ -1161,7 +1160,7 @@ class Runtimed(Service):
                 out.append(entry)
         return out
 
-    @method(idempotent=False)
+    @method
     async def exec_sync(self, container_id: str, cmd: list, timeout: float = 0) -> dict:
         """Run `cmd` in the running container; its stdout, stderr and exit code."""
         rec = self._container(container_id, visible=True)
@@ -1209,7 +1208,7 @@ class Runtimed(Service):
             _unlink(pid_file)
         return {"stdout": stdout, "stderr": stderr, "exit_code": proc.returncode}
 
-    @method(idempotent=True)
+    @method
     async def reopen_log(self, container_id: str) -> dict:
         """Have conmon reopen the log file after the kubelet rotated it."""
         rec = self._container(container_id, visible=True)
@@ -1221,7 +1220,7 @@ class Runtimed(Service):
             raise Internal(f"conmon did not reopen the log of {container_id}")
         return {}
 
-    @method(idempotent=True)
+    @method
     async def update_resources(self, container_id: str, linux: dict | None = None,
                                annotations: dict | None = None) -> dict:
         """Change the container's cgroup limits live (runc update)."""
@@ -1254,7 +1253,7 @@ class Runtimed(Service):
             reader = self._stats = stats.StatsReader()
         return reader
 
-    @method(idempotent=True)
+    @method
     async def list_container_stats(self, filter: dict | None = None, container_id: str | None = None) -> list:
         """CRI ContainerStats (cgroup CPU, memory, swap) of one container, or of those matching `filter`."""
         if container_id is not None:
@@ -1262,7 +1261,7 @@ class Runtimed(Service):
             return [stats.container_stats(self._stats_reader(), rec, self.sandboxes.get(rec["sandbox_id"]))]
         return stats.list_container_stats(self._stats_reader(), self.containers, self.sandboxes, filter or {})
 
-    @method(idempotent=True)
+    @method
     async def list_sandbox_stats(self, filter: dict | None = None, sandbox_id: str | None = None) -> list:
         """CRI PodSandboxStats without network counters (netd's), with each pod's netns path."""
         flt = dict(filter or {})
@@ -1270,13 +1269,13 @@ class Runtimed(Service):
             flt = {"id": self._sandbox(sandbox_id, visible=True)["id"]}
         return stats.list_sandbox_stats(self._stats_reader(), self.containers, self.sandboxes, flt)
 
-    @method(idempotent=True)
+    @method
     async def metric_samples(self, families: list | None = None) -> list:
         """Raw cgroup samples of every ready pod's running containers, for ListPodSandboxMetrics."""
         return stats.metric_samples(self._stats_reader(), self.containers, self.sandboxes,
                                     families if families is not None else sorted(stats.ALL_FAMILIES))
 
-    @method(idempotent=False)
+    @method
     async def checkpoint_container(self, container_id: str, location: str, upper_dir: str | None = None,
                                    timeout: float = 0) -> dict:
         """Checkpoint a running container with CRIU into the archive `location` (it keeps running)."""
@@ -1288,7 +1287,7 @@ class Runtimed(Service):
                 work_root=os.path.join(self.run_dir, "checkpoints"),
                 timeout=float(timeout) if timeout and timeout > 0 else checkpoint.DEFAULT_TIMEOUT)
 
-    @method(idempotent=True)
+    @method
     async def update_sandbox_resources(self, sandbox_id: str, resources: dict | None = None,
                                        overhead: dict | None = None) -> dict:
         """Apply pod-level limits to the pod's own cgroup (cgroupfs driver)."""
@@ -1316,7 +1315,7 @@ class Runtimed(Service):
             raise FailedPrecondition(f"container {container_id} is not running")
         return rec
 
-    @method(idempotent=False)
+    @method
     async def exec_start(self, container_id: str, cmd: list, tty: bool = False, stdin: bool = False,
                          stdout: bool = True, stderr: bool = True) -> dict:
         """Start `cmd` in the running container for a streaming exec; {"session"}."""
@@ -1325,7 +1324,7 @@ class Runtimed(Service):
         return await exec_session.sessions_of(self).add(exec_session.ExecSession(
             self._runc(rec), rec["id"], rec["bundle"], list(cmd), tty=tty, stdin=stdin))
 
-    @method(idempotent=False)
+    @method
     async def attach_start(self, container_id: str, tty: bool = False, stdin: bool = False,
                            stdout: bool = True, stderr: bool = True) -> dict:
         """Connect to the running container's stdio through conmon; {"session"}."""
@@ -1335,25 +1334,25 @@ class Runtimed(Service):
             rec["id"], rec["bundle"], self.attach_dir, tty=bool(rec.get("tty")), stdin=stdin,
             stdin_once=bool(rec["config"].get("stdin_once"))))
 
-    @method(idempotent=False)
+    @method
     async def session_write(self, session: str, data: bytes, wait_seconds: float = 5.0) -> dict:
         return await exec_session.sessions_of(self).get(session).write(data, wait_seconds)
 
-    @method(idempotent=False)
+    @method
     async def session_read(self, session: str, max_bytes: int = 65536, wait_seconds: float = 5.0) -> dict:
         return await exec_session.sessions_of(self).get(session).read(max_bytes, wait_seconds)
 
-    @method(idempotent=True)
+    @method
     async def session_close_stdin(self, session: str) -> dict:
         await exec_session.sessions_of(self).get(session).close_stdin()
         return {}
 
-    @method(idempotent=True)
+    @method
     async def session_resize(self, session: str, width: int, height: int) -> dict:
         await exec_session.sessions_of(self).get(session).resize(width, height)
         return {}
 
-    @method(idempotent=True)
+    @method
     async def session_close(self, session: str) -> dict:
         await exec_session.sessions_of(self).close(session)
         return {}

@@ -15,6 +15,7 @@ from services.storaged.layer_store import LayerRecord, LayerStore
 from services.storaged.rootfs_store import CREATED, RootfsRecord, RootfsStore, check_container_id
 from services.storaged.usage import measure
 from shared import mountinfo, tracing
+from shared.bus.api import STORAGED
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import AlreadyExists, CriopyError, InvalidArgument, NotFound
@@ -27,9 +28,7 @@ _PARALLEL_UNPACKS = max(1, min(4, os.cpu_count() or 1))
 
 
 class Storaged(Service):
-    name = "storaged"
-    # It reads blobs and writes layers: no network at all.
-    network = False
+    api = STORAGED
     # Mounting overlays and recreating the files of layers with their owners,
     # modes, setuid bits, file capabilities and (when allowed) device nodes.
     capabilities = frozenset({
@@ -101,7 +100,7 @@ class Storaged(Service):
 
     # -- layers -------------------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def unpack(self, layers: list[dict]) -> dict[str, Any]:
         """Unpack layer blobs (bottom first) into the store; returns their chain ids and uncompressed sizes."""
         if not isinstance(layers, list):
@@ -157,13 +156,13 @@ class Storaged(Service):
                     allow_device_nodes=self.config.crio.image.allow_device_nodes)
         self._records[chain_id] = record
 
-    @method(idempotent=True)
+    @method
     async def layer_status(self, chain_id: str) -> dict[str, Any] | None:
         """A layer's record, or None when it is not in the store."""
         record = self._records.get(check_digest(chain_id, "chain_id"))
         return record.to_wire() if record else None
 
-    @method(idempotent=True)
+    @method
     async def unpacked_sizes(self, top_layers: list[str]) -> dict[str, int]:
         """{top layer: bytes of its stack's uncompressed layers} for the stacks that are all in the store.
 
@@ -180,11 +179,11 @@ class Storaged(Service):
                 continue
         return sizes
 
-    @method(idempotent=True)
+    @method
     async def list_layers(self) -> list[dict[str, Any]]:
         return [r.to_wire() for r in self._records.values()]
 
-    @method(idempotent=True)
+    @method
     async def gc_layers(self, keep_top_layers: list[str]) -> dict[str, Any]:
         """Remove every layer that is neither in a kept stack nor under a root file system."""
         if not isinstance(keep_top_layers, list):
@@ -210,7 +209,7 @@ class Storaged(Service):
 
     # -- root file systems ----------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def create_rootfs(self, container_id: str, top_layer: str | None = None) -> dict[str, Any]:
         """Mount an overlay of the layers under `top_layer` (None: empty) for a container."""
         check_container_id(container_id)
@@ -243,7 +242,7 @@ class Storaged(Service):
                 await self._mount(record)
         return self._rootfs_wire(container_id)
 
-    @method(idempotent=True)
+    @method
     async def remove_rootfs(self, container_id: str) -> dict[str, Any]:
         """Unmount and delete a container's root file system; a missing one is not an error."""
         check_container_id(container_id)
@@ -255,7 +254,7 @@ class Storaged(Service):
         log.info("rootfs_removed", container_id=container_id)
         return {"removed": True}
 
-    @method(idempotent=True)
+    @method
     async def rootfs_status(self, container_id: str) -> dict[str, Any] | None:
         """Where a container's root file system is and whether it is mounted; None if none."""
         check_container_id(container_id)
@@ -263,7 +262,7 @@ class Storaged(Service):
             return None
         return {**self._rootfs_wire(container_id), "mounted": await self._is_mounted(container_id)}
 
-    @method(idempotent=True)
+    @method
     async def list_rootfs(self) -> list[dict[str, Any]]:
         return [self._rootfs_wire(cid) for cid in self._containers]
 
@@ -309,7 +308,7 @@ class Storaged(Service):
 
     # -- usage ------------------------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def fs_info(self) -> dict[str, Any]:
         """Disk use of the layer store and of the containers' writable layers."""
         uppers = [self._rootfs.upper(cid) for cid in self._containers]
@@ -336,7 +335,7 @@ class Storaged(Service):
             },
         }
 
-    @method(idempotent=True)
+    @method
     async def rootfs_usage(self, container_id: str) -> dict[str, Any]:
         """Disk use of a container's writable layer."""
         check_container_id(container_id)
@@ -348,7 +347,7 @@ class Storaged(Service):
 
     # -- usage of many containers at once (ListContainerStats) ------------------------
 
-    @method(idempotent=True)
+    @method
     async def rootfs_usages(self, container_ids: list[str]) -> dict[str, Any]:
         """{container id: {"used_bytes", "inodes_used", "timestamp_ns", "mountpoint"}} for those with a rootfs."""
         known = [cid for cid in dict.fromkeys(container_ids) if cid in self._containers]

@@ -32,7 +32,8 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 from shared import metrics, tracing
 from shared.bus import sockets
 from shared.bus.envelope import MalformedMessage, Request, decode_reply
-from shared.bus.service import MethodSpec
+from shared.bus.api import API, MethodInfo
+from shared.config import Config
 from shared.errors import CriopyError, DeadlineExceeded, Unavailable
 
 log = structlog.get_logger(__name__)
@@ -51,7 +52,7 @@ class _NoAnswer(Unavailable):
 
 
 class BusClient:
-    def __init__(self, service: str, endpoint: str, methods: Mapping[str, MethodSpec], *,
+    def __init__(self, service: str, endpoint: str, methods: Mapping[str, MethodInfo], *,
                  context: zmq.asyncio.Context | None = None) -> None:
         self.service = service
         self.endpoint = endpoint
@@ -62,6 +63,15 @@ class BusClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self._retry_wait = wait_exponential(multiplier=0.05, max=1.0)
+
+    @classmethod
+    def for_service(cls, config: Config, service: str, context: zmq.asyncio.Context | None = None) -> "BusClient":
+        """A client of one of crio-py's services, at its configured endpoint, knowing its methods from the table."""
+        try:
+            api = API[service]
+        except KeyError:
+            raise ValueError(f"unknown service {service!r} (services: {', '.join(API)})") from None
+        return cls(service, config.bus_endpoint(service), api.methods, context=context)
 
     # -- connection -------------------------------------------------------
 
@@ -123,8 +133,8 @@ class BusClient:
     # -- calls ------------------------------------------------------------
 
     def is_idempotent(self, method: str) -> bool:
-        spec = self._methods.get(method)
-        return spec is not None and spec.idempotent
+        info = self._methods.get(method)
+        return info is not None and info.idempotent
 
     async def call(self, method: str, *, deadline: float, **params: Any) -> Any:
         """Call `method` on the daemon; retries as the method allows until `deadline` (unix time)."""

@@ -79,7 +79,7 @@ def daemon(dirs: Dirs, daemon_flags: tuple[str, ...]):
 
 @pytest.fixture
 async def bus(config: Config, daemon: Daemon):
-    client = BusClient("storaged", config.bus_endpoint("storaged"), Storaged.bus_methods())
+    client = BusClient.for_service(config, "storaged")
     client.connect()
 
     async def call(method: str, **params):
