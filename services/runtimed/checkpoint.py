@@ -25,6 +25,8 @@ from typing import Any
 
 import structlog
 
+from services.runtimed import exits
+from services.runtimed.context import Context
 from services.runtimed.runc import Runc
 from shared import programs
 from shared.errors import FailedPrecondition, Internal, InvalidArgument
@@ -34,6 +36,18 @@ log = structlog.get_logger(__name__)
 DEFAULT_TIMEOUT = 300.0
 _OVERLAY_WHITEOUT_DEV = 0  # a whiteout is a 0:0 character device
 _criu_verdict: tuple[bool, str] | None = None
+
+
+async def checkpoint_container(ctx: Context, container_id: str, location: str, upper_dir: str | None,
+                               timeout: float) -> dict[str, Any]:
+    """Checkpoint a running container into the archive `location`, under its lock."""
+    rec = ctx.records.container(container_id, visible=True)
+    async with ctx.records.lock(rec["id"]):
+        await exits.refresh(ctx, rec)
+        return await checkpoint(
+            ctx.runc(rec), rec, location=location, upper_dir=upper_dir,
+            work_root=os.path.join(ctx.run_dir, "checkpoints"),
+            timeout=float(timeout) if timeout and timeout > 0 else DEFAULT_TIMEOUT)
 
 
 def criu_path() -> str | None:

@@ -17,10 +17,13 @@ import asyncio
 import errno
 import json
 import os
+import signal
+import time
 from dataclasses import dataclass, field
 
 import structlog
 
+from services.runtimed import process
 from services.runtimed.runc import Runc
 from shared import tracing
 from shared.errors import DeadlineExceeded, Internal
@@ -28,6 +31,8 @@ from shared.errors import DeadlineExceeded, Internal
 log = structlog.get_logger(__name__)
 
 CREATE_TIMEOUT = 120.0
+# How long a conmon may take to end after its container was deleted.
+GONE_TIMEOUT = 10.0
 _CTL_REOPEN_LOG = 2
 _CTL_RESIZE = 1
 
@@ -213,6 +218,25 @@ def _tail(path: str, size: int = 2000) -> str:
             return f.read().decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+async def wait_gone(pid: int | None, start: int | None, timeout: float = GONE_TIMEOUT) -> None:
+    """Wait for a conmon to end (it does once runc deleted its container); SIGKILL it after `timeout`.
+
+    `start`: its start time, so that a reused pid is not mistaken for it.
+    """
+    if not pid:
+        return
+    deadline = time.monotonic() + timeout
+    while process.pid_alive(pid) and (start is None or process.process_start_time(pid) == start):
+        if time.monotonic() > deadline:
+            log.warning("conmon_killed", pid=pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        await asyncio.sleep(0.02)
 
 
 def read_pidfile(path: str) -> int | None:

@@ -2,8 +2,8 @@
 
 Each event carries what the frontend needs for a CRI ContainerEventResponse:
 the CRI event type, the container (or pod) id, when it happened, and the pod's
-status with the statuses of its containers as they were at that moment (the
-same dicts runtimed's sandbox_status/container_status return).
+status with the statuses of its containers as they were at that moment (built
+by status.py, as the sandbox_status/container_status calls build them).
 
 Events raised while runtimed starts (exits that happened while it was down,
 creations it finished on reattach), and until the frontend's subscriber has
@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import zmq
 
+from services.runtimed import status
+from services.runtimed.records import CONTAINER_STATES, SANDBOX_STATES
 from shared.bus.sockets import Monitor
 
 if TYPE_CHECKING:
@@ -42,8 +44,6 @@ CRI_TYPES = {
     ("sandbox", "stopped"): "CONTAINER_STOPPED_EVENT",
     ("sandbox", "removed"): "CONTAINER_DELETED_EVENT",
 }
-_CONTAINER_STATES = {"created": "CONTAINER_CREATED", "running": "CONTAINER_RUNNING", "exited": "CONTAINER_EXITED"}
-_SANDBOX_STATES = ("ready", "notready")
 
 
 class EventPublisher:
@@ -133,48 +133,37 @@ class EventPublisher:
             if key in record:
                 event[key] = record[key]
         if kind == "container":
-            status = self.container_status(record["id"])
-            if status is not None:
-                event["container_status"] = status
+            container = self.container_status(record["id"])
+            if container is not None:
+                event["container_status"] = container
         event["pod_sandbox_status"] = self.sandbox_status(sandbox_id)
         event["containers_statuses"] = self.pod_container_statuses(sandbox_id)
         return event
 
     def container_status(self, container_id: str) -> dict[str, Any] | None:
+        """The container's status now; once it is gone, the last one it had."""
         rec = self.service.containers.get(container_id)
-        if rec is None or rec.get("state") not in _CONTAINER_STATES:
+        if rec is None or rec.get("state") not in CONTAINER_STATES:
             return self._last_container.get(container_id)
-        entry = self.service._container_entry(rec)
-        entry.pop("pod_sandbox_id", None)
-        entry.update(
-            started_at=rec.get("started_at", 0) or 0, finished_at=rec.get("finished_at", 0) or 0,
-            exit_code=rec.get("exit_code", 0) or 0, reason=rec.get("reason", ""), message=rec.get("message", ""),
-            mounts=rec.get("mounts") or [], log_path=rec.get("log_path", ""),
-            resources={"linux": rec.get("resources") or {}})
-        if rec.get("uid") is not None:
-            entry["user"] = {"linux": {"uid": rec["uid"]}}
+        entry = status.container_status(rec)
         self._last_container[container_id] = entry
         return entry
 
     def sandbox_status(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The pod's status now; once it is gone, the last one it had, not ready."""
         rec = self.service.sandboxes.get(sandbox_id)
-        if rec is None or rec.get("state") not in _SANDBOX_STATES:
+        if rec is None or rec.get("state") not in SANDBOX_STATES:
             last = self._last_sandbox.get(sandbox_id)
             return {**last, "state": "SANDBOX_NOTREADY"} if last else None
-        status = self.service._sandbox_entry(rec)
-        ips = rec.get("ips") or []
-        status["network"] = {"ip": ips[0] if ips else "", "additional_ips": [{"ip": ip} for ip in ips[1:]]}
-        status["linux"] = {"namespaces": {"options": {
-            "network": rec.get("network_mode", "POD"), "pid": rec.get("pid_mode", "POD"),
-            "ipc": rec.get("ipc_mode", "POD")}}}
-        self._last_sandbox[sandbox_id] = status
-        return status
+        entry = status.sandbox_status(rec)
+        self._last_sandbox[sandbox_id] = entry
+        return entry
 
     def pod_container_statuses(self, sandbox_id: str) -> list[dict[str, Any]]:
         out = []
         for rec in list(self.service.containers.values()):
-            if rec.get("sandbox_id") == sandbox_id and rec.get("state") in _CONTAINER_STATES:
-                status = self.container_status(rec["id"])
-                if status is not None:
-                    out.append(status)
+            if rec.get("sandbox_id") == sandbox_id and rec.get("state") in CONTAINER_STATES:
+                entry = self.container_status(rec["id"])
+                if entry is not None:
+                    out.append(entry)
         return out

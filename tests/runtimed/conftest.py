@@ -158,12 +158,12 @@ async def cleanup(service: Runtimed, base: Path, cgroup_parent: str | None = Non
                 if os.path.isdir(top):
                     leaks += [f"cgroup {os.path.join(top, d)}" for d in os.listdir(top)
                               if os.path.isdir(os.path.join(top, d))]
-        runc_root = os.path.join(service.state_dir, "runc")
+        runc_root = os.path.join(service.ctx.state_dir, "runc")
         if os.path.isdir(runc_root):
             leaks += [f"runc container {c}" for c in os.listdir(runc_root)]
     finally:
         await service.stop()
-        runc_root = os.path.join(service.state_dir, "runc")
+        runc_root = os.path.join(service.ctx.state_dir, "runc")
         if os.path.isdir(runc_root):
             for cid in os.listdir(runc_root):
                 subprocess.run(["runc", "--root", runc_root, "delete", "--force", cid], capture_output=True)
