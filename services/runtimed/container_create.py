@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from services.runtimed import cgroups, conmon, container_remove, infra, process, spec
+from services.runtimed import cgroups, conmon, container_remove, infra, process, spec, spec_values
 from services.runtimed.context import Context
 from services.runtimed.paths import confined_relative
 from services.runtimed.records import CONTAINER_STATES, CONTAINERS
@@ -52,7 +52,7 @@ def _log_path(ctx: Context, sb: dict[str, Any], cfg: dict[str, Any]) -> str:
 
 def _target_pid_ns(ctx: Context, sb: dict[str, Any], ns_opts: dict[str, Any]) -> str | None:
     """The PID namespace of the target container, for a container that shares it (TARGET mode)."""
-    if spec.ns_mode(ns_opts, "pid") != "TARGET":
+    if spec_values.ns_mode(ns_opts, "pid") != "TARGET":
         return None
     target = ctx.records.container(ns_opts.get("target_id", ""), visible=True)
     if target["sandbox_id"] != sb["id"] or target["state"] != "running":

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from services.runtimed import exits, pod_resources, spec, stats
+from services.runtimed import exits, pod_resources, spec_resources, stats
 from services.runtimed.context import Context
 from shared import atomic
 from shared.errors import FailedPrecondition
@@ -21,7 +21,7 @@ async def update_container(ctx: Context, container_id: str, linux: dict | None) 
         await exits.refresh(ctx, rec)
         if rec["state"] not in exits.LIVE:
             raise FailedPrecondition(f"container {container_id} is not running")
-        resources, _oom = spec.linux_resources(linux or {}, pids_limit=ctx.rc.pids_limit,
+        resources, _oom = spec_resources.linux_resources(linux or {}, pids_limit=ctx.rc.pids_limit,
                                                hugetlb=ctx.features.hugetlb)
         await ctx.runc(rec).update(rec["id"], resources)
         await asyncio.to_thread(_record_in_spec, os.path.join(rec["bundle"], "config.json"), resources)

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from services.runtimed import cgroups, infra, namespaces, podfiles, spec
+from services.runtimed import cgroups, infra, namespaces, podfiles, spec_values
 from services.runtimed.context import Context
 from services.runtimed.disk_cleanup import rmtree_unmounting, unmount_quiet
 from services.runtimed.records import SANDBOX_STATES, SANDBOXES
@@ -86,9 +86,9 @@ async def _setup(ctx: Context, rec: dict[str, Any]) -> None:
     linux = cfg.get("linux") or {}
     sc = linux.get("security_context") or {}
     ns = sc.get("namespace_options") or {}
-    net_mode = spec.ns_mode(ns, "network")
-    ipc_mode = spec.ns_mode(ns, "ipc")
-    pid_mode = spec.ns_mode(ns, "pid")
+    net_mode = spec_values.ns_mode(ns, "network")
+    ipc_mode = spec_values.ns_mode(ns, "ipc")
+    pid_mode = spec_values.ns_mode(ns, "pid")
     host_network = net_mode == "NODE"
     if not host_network and not rec.get("netns_path"):
         log.info("sandbox_without_netns", sandbox_id=rec["id"])
