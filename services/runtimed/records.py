@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, AsyncContextManager
 
 from services.runtimed.store import Store
 from shared.errors import NotFound
+from shared.keyed_locks import KeyedLocks
 
 # Visible states and their CRI names; the others (reserved, creating, removing) are not listed.
 SANDBOX_STATES = {"ready": "SANDBOX_READY", "notready": "SANDBOX_NOTREADY"}
@@ -30,7 +31,7 @@ class Records:
         self.containers: dict[str, dict[str, Any]] = {}
         # Name -> id: the names held by reservations and by the pods and containers made from them.
         self.names: dict[str, dict[str, str]] = {SANDBOXES: {}, CONTAINERS: {}}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._changed = asyncio.Condition()
         self._store: Store | None = None
 
@@ -48,12 +49,9 @@ class Records:
 
     # -- locks and changes ------------------------------------------------------
 
-    def lock(self, object_id: str) -> asyncio.Lock:
-        """The lock held while a pod or container changes state."""
-        lock = self._locks.get(object_id)
-        if lock is None:
-            lock = self._locks[object_id] = asyncio.Lock()
-        return lock
+    def lock(self, object_id: str) -> AsyncContextManager[None]:
+        """Held while a pod or container changes state: `async with records.lock(id):`."""
+        return self._locks.hold(object_id)
 
     async def notify(self) -> None:
         """Wake whoever waits for a reservation to be finished or released."""
@@ -80,14 +78,13 @@ class Records:
         await self.save(CONTAINERS, rec)
 
     async def forget(self, kind: str, rec: dict[str, Any]) -> None:
-        """Drop a sandbox's or container's record, its name and its lock."""
+        """Drop a sandbox's or container's record and its name."""
         assert self._store is not None
         await self._store.delete(kind, rec["id"])
         self.table(kind).pop(rec["id"], None)
         names = self.names[kind]
         if names.get(rec["name"]) == rec["id"]:
             del names[rec["name"]]
-        self._locks.pop(rec["id"], None)
 
     # -- lookups ----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from shared import atomic
+from shared.keyed_locks import KeyedLocks
 
 log = structlog.get_logger(__name__)
 
@@ -22,7 +23,7 @@ log = structlog.get_logger(__name__)
 class Store:
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         for kind in ("sandboxes", "containers"):
             os.makedirs(os.path.join(directory, kind), exist_ok=True)
 
@@ -32,13 +33,10 @@ class Store:
     async def save(self, kind: str, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True).encode()
         # Saves of one record land in the order they were asked for.
-        lock = self._locks.setdefault((kind, record["id"]), asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(f"{kind}/{record['id']}"):
             await asyncio.to_thread(atomic.write_bytes, self._path(kind, record["id"]), data)
 
     async def delete(self, kind: str, object_id: str) -> None:
-        self._locks.pop((kind, object_id), None)
-
         def remove() -> None:
             try:
                 os.unlink(self._path(kind, object_id))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import structlog
 
@@ -19,6 +20,7 @@ from shared.bus.api import STORAGED
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import AlreadyExists, CriopyError, InvalidArgument, NotFound
+from shared.keyed_locks import KeyedLocks
 
 log = structlog.get_logger(__name__)
 
@@ -45,10 +47,14 @@ class Storaged(Service):
         self._blob_root = str(config.state_dir("imaged"))
         self._records: dict[str, LayerRecord] = {}
         self._containers: dict[str, RootfsRecord] = {}
-        # Serialises changes to which layers and root file systems exist.
-        self._lock = asyncio.Lock()
+        # One container's root file system changes at a time; different containers' in parallel,
+        # so that a big removal (an rmtree of its writable layer) holds up no other creation.
+        self._rootfs_locks = KeyedLocks()
+        # One garbage collection at a time.
+        self._gc_lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        # Chain ids an unpack call is working on: garbage collection spares them.
+        # Chain ids an unpack or a root file system creation is working on, with their
+        # parents: garbage collection spares them.
         self._pins: dict[str, int] = {}
         self._slots = asyncio.Semaphore(_PARALLEL_UNPACKS)
 
@@ -107,20 +113,14 @@ class Storaged(Service):
             raise InvalidArgument("layers must be a list")
         specs = [_layer_spec(i, layer) for i, layer in enumerate(layers)]
         chain = chain_ids([s["diff_id"] for s in specs])
-        for cid in chain:
-            self._pins[cid] = self._pins.get(cid, 0) + 1
         try:
-            async with asyncio.TaskGroup() as group:
-                for i, spec in enumerate(specs):
-                    parent = chain[i - 1] if i else None
-                    group.create_task(self._ensure_layer(chain[i], parent, spec))
+            with self._pinned(chain):
+                async with asyncio.TaskGroup() as group:
+                    for i, spec in enumerate(specs):
+                        parent = chain[i - 1] if i else None
+                        group.create_task(self._ensure_layer(chain[i], parent, spec))
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
-        finally:
-            for cid in chain:
-                self._pins[cid] -= 1
-                if not self._pins[cid]:
-                    del self._pins[cid]
         sizes = [self._records[cid].tar_size for cid in chain]
         return {"chain_ids": chain, "top_layer": chain[-1] if chain else None,
                 "layer_sizes": sizes, "unpacked_size": sum(sizes)}
@@ -140,6 +140,19 @@ class Storaged(Service):
                 if mine:
                     raise
                 # Another request's blob failed; try with this request's own blob.
+
+    @contextmanager
+    def _pinned(self, chain_ids: list[str]) -> Iterator[None]:
+        """Spare these layers (and their parents) from garbage collection while the block runs."""
+        for cid in chain_ids:
+            self._pins[cid] = self._pins.get(cid, 0) + 1
+        try:
+            yield
+        finally:
+            for cid in chain_ids:
+                self._pins[cid] -= 1
+                if not self._pins[cid]:
+                    del self._pins[cid]
 
     def _forget_inflight(self, chain_id: str, task: asyncio.Task[None]) -> None:
         if self._inflight.get(chain_id) is task:
@@ -189,9 +202,12 @@ class Storaged(Service):
         if not isinstance(keep_top_layers, list):
             raise InvalidArgument("keep_top_layers must be a list")
         tops = [check_digest(t, "keep_top_layers entry") for t in keep_top_layers]
-        async with self._lock:
+        async with self._gc_lock:
+            # From here to the records' removal nothing awaits: a creation that has not
+            # pinned its layers yet finds them gone, one that has finds them kept.
             tops += [r.top_layer for r in self._containers.values() if r.top_layer]
-            keep = set(self._pins) | set(self._inflight)
+            tops += list(self._pins)
+            keep = set(self._inflight)
             for top in tops:
                 current: str | None = top
                 while current is not None and current not in keep:
@@ -215,38 +231,42 @@ class Storaged(Service):
         check_container_id(container_id)
         if top_layer is not None:
             check_digest(top_layer, "top_layer")
-        async with self._lock:
-            record = self._containers.get(container_id)
-            if record is not None and record.state != CREATED:
-                await self._remove(record)
-                record = None
-            if record is not None and record.top_layer != top_layer:
-                raise AlreadyExists(
-                    f"container {container_id} already has a root file system on layer "
-                    f"{record.top_layer}, not {top_layer}")
-            if record is None:
-                root_stat = await asyncio.to_thread(
-                    os.stat, self._lower_dirs(top_layer)[0] if top_layer else self._layers.empty_dir)
-                record = await asyncio.to_thread(
-                    self._rootfs.create, container_id, top_layer,
-                    mode=root_stat.st_mode & 0o7777, uid=root_stat.st_uid, gid=root_stat.st_gid)
-                self._containers[container_id] = record
-                try:
-                    await self._mount(record)
-                except BaseException:
-                    del self._containers[container_id]
-                    await asyncio.to_thread(self._rootfs.delete, container_id)
-                    raise
-                log.info("rootfs_created", container_id=container_id, top_layer=top_layer)
-            elif not await self._is_mounted(container_id):
+        with self._pinned([top_layer] if top_layer else []):
+            async with self._rootfs_locks.hold(container_id):
+                return await self._create_rootfs(container_id, top_layer)
+
+    async def _create_rootfs(self, container_id: str, top_layer: str | None) -> dict[str, Any]:
+        record = self._containers.get(container_id)
+        if record is not None and record.state != CREATED:
+            await self._remove(record)
+            record = None
+        if record is not None and record.top_layer != top_layer:
+            raise AlreadyExists(
+                f"container {container_id} already has a root file system on layer "
+                f"{record.top_layer}, not {top_layer}")
+        if record is None:
+            root_stat = await asyncio.to_thread(
+                os.stat, self._lower_dirs(top_layer)[0] if top_layer else self._layers.empty_dir)
+            record = await asyncio.to_thread(
+                self._rootfs.create, container_id, top_layer,
+                mode=root_stat.st_mode & 0o7777, uid=root_stat.st_uid, gid=root_stat.st_gid)
+            self._containers[container_id] = record
+            try:
                 await self._mount(record)
+            except BaseException:
+                del self._containers[container_id]
+                await asyncio.to_thread(self._rootfs.delete, container_id)
+                raise
+            log.info("rootfs_created", container_id=container_id, top_layer=top_layer)
+        elif not await self._is_mounted(container_id):
+            await self._mount(record)
         return self._rootfs_wire(container_id)
 
     @method
     async def remove_rootfs(self, container_id: str) -> dict[str, Any]:
         """Unmount and delete a container's root file system; a missing one is not an error."""
         check_container_id(container_id)
-        async with self._lock:
+        async with self._rootfs_locks.hold(container_id):
             record = self._containers.get(container_id)
             if record is None:
                 return {"removed": False}
