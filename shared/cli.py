@@ -9,8 +9,9 @@ import sys
 import time
 from typing import Any, Sequence
 
-from shared import config as configuration
-from shared.config import Config, ConfigSources
+from shared import config_load as configuration
+from shared.config import Config
+from shared.config_load import ConfigSources
 from shared.errors import ConfigError, CriopyError
 from shared.services import START_ORDER
 from shared.version import RUNTIME_API_VERSION, RUNTIME_NAME, VERSION

@@ -13,7 +13,8 @@ from shared import privileges, tracing
 from shared.bus.events import SPANS_TOPIC, EventPublisher
 from shared.bus.server import BusServer
 from shared.bus.service import Service
-from shared.config import Config, ConfigSources
+from shared.config import Config
+from shared.config_load import ConfigSources
 from shared.errors import ConfigError
 from shared.reload import ReloadResult, reload_into
 from shared.services import service_class

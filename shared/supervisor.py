@@ -22,7 +22,8 @@ import zmq.asyncio
 from shared.bus.api import SUPERVISOR
 from shared.bus.server import BusServer
 from shared.bus.service import Service, method
-from shared.config import Config, ConfigSources
+from shared.config import Config
+from shared.config_load import ConfigSources
 from shared.errors import ConfigError, InvalidArgument
 from shared.reload import reload_into
 from shared.services import START_ORDER
