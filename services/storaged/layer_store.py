@@ -220,6 +220,18 @@ class LayerStore:
                 raise InvalidArgument(f"layer {top_layer}: its parent chain loops")
         return out
 
+    @staticmethod
+    def unreachable(records: dict[str, LayerRecord], tops: list[str], spared: set[str]) -> list[LayerRecord]:
+        """The layers that are neither `spared` nor in the stack of any of `tops`."""
+        keep = set(spared)
+        for top in tops:
+            current: str | None = top
+            while current is not None and current not in keep:
+                keep.add(current)
+                record = records.get(current)
+                current = record.parent if record else None
+        return [r for cid, r in records.items() if cid not in keep]
+
 
 def _open_blob(path: str, blob_root: str):
     """Open a layer blob, refusing anything but a regular file inside `blob_root`."""

@@ -14,7 +14,7 @@ from services.storaged import overlay
 from services.storaged.digests import chain_ids, check_digest
 from services.storaged.layer_store import LayerRecord, LayerStore
 from services.storaged.rootfs_store import CREATED, RootfsRecord, RootfsStore, check_container_id
-from services.storaged.usage import measure
+from services.storaged.usage import measure, measure_all
 from shared import mountinfo, tracing
 from shared.bus.api import STORAGED
 from shared.bus.service import Service, method
@@ -206,15 +206,7 @@ class Storaged(Service):
             # From here to the records' removal nothing awaits: a creation that has not
             # pinned its layers yet finds them gone, one that has finds them kept.
             tops += [r.top_layer for r in self._containers.values() if r.top_layer]
-            tops += list(self._pins)
-            keep = set(self._inflight)
-            for top in tops:
-                current: str | None = top
-                while current is not None and current not in keep:
-                    keep.add(current)
-                    record = self._records.get(current)
-                    current = record.parent if record else None
-            victims = [r for cid, r in self._records.items() if cid not in keep]
+            victims = LayerStore.unreachable(self._records, tops + list(self._pins), set(self._inflight))
             for record in victims:
                 del self._records[record.chain_id]
             for record in victims:
@@ -332,15 +324,7 @@ class Storaged(Service):
     async def fs_info(self) -> dict[str, Any]:
         """Disk use of the layer store and of the containers' writable layers."""
         uppers = [self._rootfs.upper(cid) for cid in self._containers]
-
-        def containers_usage() -> tuple[int, int]:
-            used = inodes = 0
-            for upper in uppers:
-                u = measure(upper)
-                used, inodes = used + u.used_bytes, inodes + u.inodes
-            return used, inodes
-
-        c_used, c_inodes = await asyncio.to_thread(containers_usage)
+        containers = await asyncio.to_thread(measure_all, uppers)
         return {
             "mountpoint": self._layers.layers_dir,
             "used_bytes": sum(r.used_bytes for r in self._records.values()),
@@ -349,8 +333,8 @@ class Storaged(Service):
             "timestamp_ns": time.time_ns(),
             "containers": {
                 "mountpoint": self._rootfs.rootfs_dir,
-                "used_bytes": c_used,
-                "inodes_used": c_inodes,
+                "used_bytes": containers.used_bytes,
+                "inodes_used": containers.inodes,
                 "count": len(uppers),
             },
         }
