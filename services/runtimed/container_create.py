@@ -144,9 +144,7 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
             started = await conmon.start(conmon_spec, cgroup_procs=procs)
         except BaseException:
             await undo(ctx, rec)
-            rec["state"] = "reserved"
-            await records.save_container(rec)
-            await records.notify()
+            await records.back_to_reserved(CONTAINERS, rec)
             raise
         rec.update(state="created", pid=started.container_pid,
                    pid_start=process.process_start_time(started.container_pid),

@@ -18,24 +18,16 @@ from typing import Any
 from services.runtimed import conmon, exec_session, exits
 from services.runtimed.context import Context
 from services.runtimed.disk_cleanup import unlink_quiet
-from shared.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from shared.errors import DeadlineExceeded, InvalidArgument
 
 EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
 # How long a timed-out command may take to die once its process was killed.
 KILL_WAIT = 10.0
 
 
-async def _running(ctx: Context, container_id: str) -> dict[str, Any]:
-    rec = ctx.records.container(container_id, visible=True)
-    await exits.refresh(ctx, rec)
-    if rec["state"] != "running":
-        raise FailedPrecondition(f"container {container_id} is not running")
-    return rec
-
-
 async def exec_sync(ctx: Context, container_id: str, cmd: list, timeout: float) -> dict[str, Any]:
     """Run `cmd` in the running container; its stdout, stderr and exit code."""
-    rec = await _running(ctx, container_id)
+    rec = await exits.running(ctx, container_id)
     if not cmd or not all(isinstance(c, str) for c in cmd):
         raise InvalidArgument("exec command must be a non-empty list of strings")
     with open(os.path.join(rec["bundle"], "config.json")) as f:
@@ -103,7 +95,7 @@ async def exec_start(ctx: Context, owner: Any, container_id: str, cmd: list, tty
                      stdout: bool, stderr: bool) -> dict:
     """Start `cmd` in the running container for a streaming exec; {"session"}."""
     exec_session.check_streams(cmd, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr)
-    rec = await _running(ctx, container_id)
+    rec = await exits.running(ctx, container_id)
     return await exec_session.sessions_of(owner).add(exec_session.ExecSession(
         ctx.runc(rec), rec["id"], rec["bundle"], list(cmd), tty=tty, stdin=stdin))
 
@@ -112,7 +104,7 @@ async def attach_start(ctx: Context, owner: Any, container_id: str, tty: bool, s
                        stdout: bool, stderr: bool) -> dict:
     """Connect to the running container's stdio through conmon; {"session"}."""
     exec_session.check_streams(None, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr)
-    rec = await _running(ctx, container_id)
+    rec = await exits.running(ctx, container_id)
     return await exec_session.sessions_of(owner).add(exec_session.AttachSession(
         rec["id"], rec["bundle"], ctx.attach_dir, tty=bool(rec.get("tty")), stdin=stdin,
         stdin_once=bool(rec["config"].get("stdin_once"))))

@@ -6,17 +6,14 @@ from typing import Any
 
 from services.runtimed import conmon, exits
 from services.runtimed.context import Context
-from shared.errors import FailedPrecondition, Internal
+from shared.errors import Internal
 
 # How long conmon may take to create the new log file.
 REOPEN_WAIT = 5.0
 
 
 async def reopen(ctx: Context, container_id: str) -> dict[str, Any]:
-    rec = ctx.records.container(container_id, visible=True)
-    await exits.refresh(ctx, rec)
-    if rec["state"] != "running":
-        raise FailedPrecondition(f"container {container_id} is not running")
+    rec = await exits.running(ctx, container_id)
     conmon.reopen_log(rec["bundle"])
     if not await exits.wait_file(rec["log_path"], REOPEN_WAIT):
         raise Internal(f"conmon did not reopen the log of {container_id}")

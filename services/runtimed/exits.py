@@ -19,6 +19,7 @@ import structlog
 from services.runtimed import conmon, process
 from services.runtimed.context import Context
 from shared import metrics
+from shared.errors import FailedPrecondition
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +76,15 @@ async def mark_exited(ctx: Context, rec: dict[str, Any], code: int, *, finished_
     if oom:
         ctx.events.emit("container", "oom", rec["id"], rec["sandbox_id"], name=rec["name"])
     ctx.events.emit("container", "exited", rec["id"], rec["sandbox_id"], exit_code=code)
+
+
+async def running(ctx: Context, container_id: str) -> dict[str, Any]:
+    """The record of a running container, its exit read first; FailedPrecondition when it is not running."""
+    rec = ctx.records.container(container_id, visible=True)
+    await refresh(ctx, rec)
+    if rec["state"] != "running":
+        raise FailedPrecondition(f"container {container_id} is not running")
+    return rec
 
 
 def note_monitor_gone(rec: dict[str, Any]) -> None:

@@ -77,6 +77,12 @@ class Records:
     async def save_container(self, rec: dict[str, Any]) -> None:
         await self.save(CONTAINERS, rec)
 
+    async def back_to_reserved(self, kind: str, rec: dict[str, Any]) -> None:
+        """A creation was undone: the name stays held, and whoever waits for it may retry."""
+        rec["state"] = "reserved"
+        await self.save(kind, rec)
+        await self.notify()
+
     async def forget(self, kind: str, rec: dict[str, Any]) -> None:
         """Drop a sandbox's or container's record and its name."""
         assert self._store is not None

@@ -44,9 +44,7 @@ async def create(ctx: Context, sandbox_id: str, netns_path: str | None, ips: lis
             await _setup(ctx, rec)
         except BaseException:
             await teardown(ctx, rec, remove=True)
-            rec["state"] = "reserved"
-            await records.save_sandbox(rec)
-            await records.notify()
+            await records.back_to_reserved(SANDBOXES, rec)
             raise
         rec["state"] = "ready"
         rec["created_at"] = time.time_ns()
