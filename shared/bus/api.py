@@ -6,9 +6,10 @@ frontend learns which calls it may retry, and the `criopy` command whom to
 ask, without importing any daemon's code.
 
 `callers` names the processes allowed to call a method: FRONTEND (the only
-caller of the daemons) and ROOT (uid 0, the `criopy` command: status, reload,
-restart). It is the edge table of the architecture, one column per method, for
-the server to check against the caller's credentials (SO_PEERCRED).
+caller of the daemons' work) and ROOT (uid 0: the `criopy` command's status,
+reload and restart). It is the architecture's table of edges, method by
+method, for a server to check against the caller's credentials (SO_PEERCRED)
+once each process runs as a user of its own.
 """
 
 from __future__ import annotations
