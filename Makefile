@@ -13,9 +13,9 @@ CNI_CONF_DIR ?= /etc/cni/net.d
 # init of pods that share a PID namespace; skopeo is the pull benchmark's yardstick; criu checkpoints containers;
 # prometheus (with promtool) scrapes and checks the metrics endpoint in the tests.
 DEBIAN_PACKAGES := runc conmon containernetworking-plugins busybox-static docker-registry \
-	iproute2 iptables mount catatonit libcap2-bin kmod python3-venv skopeo criu prometheus
+	iproute2 iptables mount util-linux catatonit libcap2-bin kmod python3-venv skopeo criu prometheus
 
-# Real Kubernetes clients for `make test-clients` (not part of `make test`).
+# Real Kubernetes clients for `make test-clients` (not part of `make test`); `make bench` uses crictl too.
 CRICTL ?= ../shared/tools/crictl
 KUBELET ?= ../shared/tools/kubelet
 
@@ -66,8 +66,9 @@ test-clients: setup
 	done
 	CRICTL="$(abspath $(CRICTL))" KUBELET="$(abspath $(KUBELET))" $(PY) -m pytest -q tests/clients
 
+# The streaming benchmark drives crio-py with crictl (CRICTL, as for test-clients).
 bench: setup
-	$(PY) -m tests.bench
+	CRICTL="$(abspath $(CRICTL))" $(PY) -m tests.bench
 
 clean:
 	rm -rf $(VENV) *.egg-info

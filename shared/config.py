@@ -189,6 +189,10 @@ class Config:
     def events_endpoint(self, service: str) -> str:
         return f"ipc://{self.bus_dir() / (service + '-events.sock')}"
 
+    def stream_socket(self, service: str) -> Path:
+        """The unix socket of a daemon's exec, attach or port-forward streams (shared/bus/streams.py)."""
+        return self.bus_dir() / f"{service}-streams.sock"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -13,6 +13,7 @@ from shared import privileges, tracing
 from shared.bus.events import SPANS_TOPIC, EventPublisher
 from shared.bus.server import BusServer
 from shared.bus.service import Service
+from shared.bus.streams import StreamListener
 from shared.config import Config
 from shared.config_load import ConfigSources
 from shared.errors import ConfigError
@@ -77,12 +78,16 @@ async def _serve(service: Service, config: Config, sources: ConfigSources) -> No
     if service.publishes_events or not service.network:
         service.publisher = EventPublisher(config.events_endpoint(service.name), context)
         service.publisher.bind()
+    if service.serves_streams:
+        service.streams = StreamListener(service.name, config.stream_socket(service.name))
     if not service.network:
         publisher = service.publisher
         tracing.attach_relay(loop, lambda spans: publisher.publish(SPANS_TOPIC, {"otlp": spans}))
     try:
         # State is reloaded and reconciled before the first request is read.
         await service.start()
+        if service.streams is not None:
+            await service.streams.start()
         await server.start()
         service.ready = True
         log.info("service_ready")
@@ -90,6 +95,9 @@ async def _serve(service: Service, config: Config, sources: ConfigSources) -> No
         log.info("service_stopping")
     finally:
         await server.close()
+        if service.streams is not None:
+            # Before stop(): sessions end while what they use is still there.
+            await service.streams.close()
         await service.stop()
         if service.publisher is not None:
             service.publisher.close()

@@ -8,7 +8,11 @@ the kubelet receives NOT_FOUND with the same message.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
+
+from shared import mountinfo
 
 
 class CriopyError(Exception):
@@ -99,6 +103,50 @@ class ConfigError(CriopyError):
 
 class ApiMismatch(Internal):
     """A service's class does not implement exactly its row of the bus API table; it does not start."""
+
+
+# A full file system, and a user's or project's quota used up: to the caller both mean "no room".
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_no_space(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS
+
+
+def out_of_space(err: BaseException | None, path: str | os.PathLike[str], what: str) -> ResourceExhausted:
+    """The error for a write into `path` that found no room, naming the file system that is full.
+
+    `what` says what was being done. Reads /proc/self/mountinfo: call it where
+    blocking is allowed (a thread), which is where the write failed.
+    """
+    why = "disk quota exceeded" if getattr(err, "errno", None) == errno.EDQUOT else "no space left"
+    return ResourceExhausted(f"{what}: {why} on the file system mounted at {file_system_of(path)} "
+                             f"(writing in {os.fspath(path)})")
+
+
+def file_system_of(path: str | os.PathLike[str]) -> str:
+    """'<mount point> (<type>)' of the file system that holds `path`; the path itself when unknown."""
+    try:
+        real = os.path.realpath(path)
+        existing = real
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        dev = os.stat(existing).st_dev
+        table = mountinfo.current()
+    except OSError:
+        return os.fspath(path)
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    found: tuple[bool, int, str] | None = None
+    for mount in table:
+        point = mount.mount_point
+        if not (real == point or real.startswith(point.rstrip("/") + "/")):
+            continue
+        # The deepest mount above the path, of the path's own device when one matches
+        # (btrfs subvolumes have another); the last of mounts stacked on one point.
+        key = (mount.device == device, len(point), f"{point} ({mount.fstype or 'unknown type'})")
+        if found is None or key[:2] >= found[:2]:
+            found = key
+    return found[2] if found else os.fspath(path)
 
 
 _BY_CODE: dict[str, type[CriopyError]] = {

@@ -18,6 +18,8 @@ class Mount:
     super_options: str
     # Optional fields: propagation (`shared:N`, `master:N`...).
     optional: tuple[str, ...] = ()
+    # The device's "major:minor", as st_dev gives it (os.major, os.minor).
+    device: str = ""
 
     @property
     def shared(self) -> bool:
@@ -47,13 +49,15 @@ def parse(text: str) -> list[Mount]:
             source=_unescape(fields[sep + 2]),
             super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
             optional=tuple(fields[6:sep]),
+            device=fields[2],
         ))
     return mounts
 
 
 def current() -> list[Mount]:
     """Every mount, in the kernel's order (a later mount on the same point hides an earlier one)."""
-    with open("/proc/self/mountinfo") as f:
+    # Mount points are bytes to the kernel: one that is not UTF-8 must not break the table.
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         return parse(f.read())
 
 

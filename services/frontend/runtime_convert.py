@@ -74,12 +74,13 @@ class Story:
     def finished(self) -> None:
         _in_progress.pop(self.key, None)
 
-    async def undo(self, daemon: str, method: str, **params: Any) -> None:
-        """An undo step: its failure is logged by the bus client, never raised over the first error."""
+    async def undo(self, daemon: str, method: str, **params: Any) -> Any:
+        """An undo step, its reply returned: a failure is logged (None), never raised over the first error."""
         try:
-            await self.call.daemons.call(daemon, method, deadline=time.time() + UNDO_TIMEOUT, **params)
+            return await self.call.daemons.call(daemon, method, deadline=time.time() + UNDO_TIMEOUT, **params)
         except Exception as e:  # the original failure is the one the kubelet must see
             log.warning("undo_step_failed", daemon=daemon, method=method, error=str(e))
+            return None
 
 
 async def detached(story: Story, work: Callable[[], Awaitable[T]]) -> T:

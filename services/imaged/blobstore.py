@@ -3,7 +3,9 @@
 A blob streams into a temporary file beside the store while it is hashed;
 more bytes than declared stop the download at once; the file is renamed to
 its digest's name only when size and digest match, and removed otherwise,
-so the store never holds a byte that was not verified.
+so the store never holds a byte that was not verified. A write that finds
+no room (ENOSPC, EDQUOT) removes its temporary file too and fails with
+ResourceExhausted naming the full file system.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import AsyncIterator, BinaryIO
 
 import structlog
 
-from shared.errors import DataLoss, InvalidArgument
+from shared.errors import DataLoss, InvalidArgument, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +85,12 @@ class BlobStore:
     async def ingest(self, digest: str, size: int, chunks: AsyncIterator[bytes], *, what: str) -> Path:
         """Stream `chunks` into the store as `digest`; raises BlobVerificationError on mismatch."""
         final = self.path(digest)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix=final.name[:12] + ".")
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix=final.name[:12] + ".")
+        except OSError as e:
+            if is_no_space(e):
+                raise await asyncio.to_thread(out_of_space, e, self.root, what) from e
+            raise
         tmp = Path(tmp_name)
         hasher = hashlib.sha256()
         received = 0
@@ -115,28 +122,38 @@ class BlobStore:
         except BlobVerificationError as e:
             log.warning("blob_rejected", digest=digest, error=e.message)
             raise
+        except OSError as e:
+            if is_no_space(e):
+                raise await asyncio.to_thread(out_of_space, e, self.root, what) from e
+            raise
         finally:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
 
-    def put_verified(self, digest: str, data: bytes) -> Path:
+    def put_verified(self, digest: str, data: bytes, *, what: str) -> Path:
         """Store bytes already checked against `digest` (manifests, read in memory)."""
         final = self.path(digest)
         if final.exists():
             return final
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix=final.name[:12] + ".")
+        tmp_name = None
         try:
+            fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix=final.name[:12] + ".")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp_name, 0o444)
             os.replace(tmp_name, final)
+        except OSError as e:
+            if is_no_space(e):
+                raise out_of_space(e, self.root, what) from e
+            raise
         finally:
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
+            if tmp_name is not None:
+                try:
+                    os.unlink(tmp_name)
+                except FileNotFoundError:
+                    pass
         return final
 
 

@@ -161,7 +161,8 @@ class Puller:
             raise _first_error(eg) from None
         paths = [t.result() for t in tasks]
 
-        await asyncio.to_thread(lambda: [self.store.put_verified(d, b) for d, b in meta_blobs.items()])
+        await asyncio.to_thread(lambda: [self.store.put_verified(d, b, what=f"{where}: manifest {d}")
+                                         for d, b in meta_blobs.items()])
         layers = [{"digest": d.digest, "diff_id": diff, "media_type": d.media_type, "size": d.size}
                   for d, diff in zip(manifest.layers, diff_ids)]
         image = {

@@ -8,17 +8,22 @@ unpacked them (empty until then, and for images pulled before it was kept).
 A name is a repo tag (`docker.io/library/busybox:latest`) or a repo digest
 (`docker.io/library/busybox@sha256:...`); each names one image, so pulling
 a tag that moved re-points the tag. Methods are synchronous and quick; the
-service calls them through `asyncio.to_thread`.
+service calls them through `asyncio.to_thread`. A write that finds the file
+system full ("database or disk is full") raises ResourceExhausted and
+changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from shared.errors import out_of_space
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -62,6 +67,17 @@ class ImageRecords:
             if column not in present:
                 self._db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
 
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
+        """The database, locked, for one write; a full file system becomes ResourceExhausted."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as e:
+                if e.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise
+                raise out_of_space(None, self.path.parent, f"{what} in the image database") from e
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -89,8 +105,7 @@ class ImageRecords:
 
     def store(self, image: dict[str, Any], names: list[tuple[str, str]]) -> dict[str, Any]:
         """Insert or refresh an image (keeping ready, top layer and pin) and point `names` at it."""
-        with self._lock:
-            db = self._db
+        with self._writing(f"storing image {image['id']}") as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(
@@ -109,7 +124,8 @@ class ImageRecords:
                                (name, kind, image["id"]))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite rolls back by itself after some errors, a full disk among them
+                    db.execute("ROLLBACK")
                 raise
             row = db.execute("SELECT * FROM images WHERE id = ?", (image["id"],)).fetchone()
             return self._record(row)
@@ -139,18 +155,18 @@ class ImageRecords:
     def update(self, image_id: str, **fields: Any) -> bool:
         allowed = {"ready", "top_layer", "pinned", "unpacked_size"}
         assert set(fields) <= allowed
-        with self._lock:
+        with self._writing(f"updating image {image_id}") as db:
             sets = ", ".join(f"{k} = ?" for k in fields)
-            cur = self._db.execute(f"UPDATE images SET {sets} WHERE id = ?", (*fields.values(), image_id))
+            cur = db.execute(f"UPDATE images SET {sets} WHERE id = ?", (*fields.values(), image_id))
             return cur.rowcount > 0
 
     def remove_name(self, name: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM names WHERE name = ?", (name,))
+        with self._writing(f"removing image name {name}") as db:
+            db.execute("DELETE FROM names WHERE name = ?", (name,))
 
     def delete(self, image_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        with self._writing(f"removing image {image_id}") as db:
+            db.execute("DELETE FROM images WHERE id = ?", (image_id,))
 
     def referenced_blobs(self) -> set[str]:
         """Every blob digest some image record needs."""

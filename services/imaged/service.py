@@ -20,7 +20,7 @@ from shared import metrics
 from shared.bus.api import IMAGED
 from shared.bus.service import Service, method
 from shared.config import Config
-from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 log = structlog.get_logger(__name__)
 
@@ -178,6 +178,10 @@ class Imaged(Service):
             return await self.puller.pull(reference, auth)
         except CriopyError as e:
             outcome = e.code.lower()
+            if isinstance(e, ResourceExhausted):
+                # The blobs this pull did store take room the disk lacks, and no record
+                # lists them for image removal to free: they go (a retry fetches them again).
+                self._gc_pending = True
             raise
         finally:
             metrics.IMAGE_PULLS.labels(outcome).inc()
@@ -210,6 +214,19 @@ class Imaged(Service):
         if not await asyncio.to_thread(self.records.update, image_id, ready=1):
             raise NotFound(f"image {image_id} not found")
         return {"image_id": image_id, "ready": True}
+
+    @method
+    async def abandon(self, image_id: str) -> dict:
+        """Undo a pull that failed after its fetch: drop its record, unless ready, and the blobs only it needed."""
+        assert self.records is not None
+        record = await asyncio.to_thread(self.records.get, image_id)
+        if record is None or record["ready"]:
+            return {"image_id": image_id, "removed": False}
+        await asyncio.to_thread(self.records.delete, image_id)
+        self._gc_pending = True
+        await self._sweep_blobs()
+        log.info("image_pull_abandoned", image_id=image_id)
+        return {"image_id": image_id, "removed": True}
 
     @method
     async def set_top_layer(self, image_id: str, top_layer: str | None,

@@ -353,29 +353,11 @@ class Netd(Service):
 
     @method
     async def pf_open(self, pod_id: str, port: int, host_network: bool = False) -> dict[str, Any]:
-        """Connect to `port` on the pod's loopback from inside its namespace; {"conn"}."""
+        """Connect to `port` on the pod's loopback from inside its namespace; {"token"} of its stream."""
         netns_path = None
         if not host_network:
             record = self._pods.get(pod_id)
             if record is None or record.state != ATTACHED:
                 raise NotFound(f"pod {pod_id} has no network namespace")
             netns_path = record.netns_path
-        return await port_forward.connections_of(self).open(netns_path, port)
-
-    @method
-    async def pf_write(self, conn: str, data: bytes, wait_seconds: float = 5.0) -> dict[str, Any]:
-        return await port_forward.connections_of(self).get(conn).write(data, wait_seconds)
-
-    @method
-    async def pf_read(self, conn: str, max_bytes: int = 65536, wait_seconds: float = 5.0) -> dict[str, Any]:
-        return await port_forward.connections_of(self).get(conn).read(max_bytes, wait_seconds)
-
-    @method
-    async def pf_close_write(self, conn: str) -> dict[str, Any]:
-        await port_forward.connections_of(self).get(conn).close_write()
-        return {}
-
-    @method
-    async def pf_close(self, conn: str) -> dict[str, Any]:
-        await port_forward.connections_of(self).close(conn)
-        return {}
+        return await self.open_stream(port_forward.ForwardedConnection(netns_path, port))

@@ -1,9 +1,8 @@
-"""Running commands in a container: ExecSync, and the bus calls of streaming exec and attach sessions.
+"""Running commands in a container: ExecSync, and the start of streaming exec and attach sessions.
 
 ExecSync runs `runc exec` to completion and returns its output (at most
 EXEC_OUTPUT_LIMIT bytes of each stream). The streaming sessions themselves
-(their processes and buffers) are exec_session.py's; the calls below start
-them and move their bytes.
+are exec_session.py's; their bytes travel on runtimed's stream socket.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any
 from services.runtimed import conmon, exec_session, exits
 from services.runtimed.context import Context
 from services.runtimed.disk_cleanup import unlink_quiet
+from shared.bus.service import Service
 from shared.errors import DeadlineExceeded, InvalidArgument
 
 EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
@@ -87,47 +87,23 @@ async def _read_limited(stream: asyncio.StreamReader | None, limit: int = EXEC_O
     return b"".join(chunks)
 
 
-# -- streaming exec/attach sessions (exec_session.py) -------------------------------
-# `owner` is the object the session registry is kept on (the service).
+# -- streaming exec and attach (exec_session.py, streamed by shared/bus/streams.py) ------
 
 
-async def exec_start(ctx: Context, owner: Any, container_id: str, cmd: list, tty: bool, stdin: bool,
+async def exec_start(ctx: Context, service: Service, container_id: str, cmd: list, tty: bool, stdin: bool,
                      stdout: bool, stderr: bool) -> dict:
-    """Start `cmd` in the running container for a streaming exec; {"session"}."""
+    """Start `cmd` in the running container for a streaming exec; {"token"} of its stream."""
     exec_session.check_streams(cmd, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr)
     rec = await exits.running(ctx, container_id)
-    return await exec_session.sessions_of(owner).add(exec_session.ExecSession(
+    return await service.open_stream(exec_session.ExecSession(
         ctx.runc(rec), rec["id"], rec["bundle"], list(cmd), tty=tty, stdin=stdin))
 
 
-async def attach_start(ctx: Context, owner: Any, container_id: str, tty: bool, stdin: bool,
+async def attach_start(ctx: Context, service: Service, container_id: str, tty: bool, stdin: bool,
                        stdout: bool, stderr: bool) -> dict:
-    """Connect to the running container's stdio through conmon; {"session"}."""
+    """Connect to the running container's stdio through conmon; {"token"} of its stream."""
     exec_session.check_streams(None, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr)
     rec = await exits.running(ctx, container_id)
-    return await exec_session.sessions_of(owner).add(exec_session.AttachSession(
+    return await service.open_stream(exec_session.AttachSession(
         rec["id"], rec["bundle"], ctx.attach_dir, tty=bool(rec.get("tty")), stdin=stdin,
         stdin_once=bool(rec["config"].get("stdin_once"))))
-
-
-async def session_write(owner: Any, session: str, data: bytes, wait_seconds: float) -> dict:
-    return await exec_session.sessions_of(owner).get(session).write(data, wait_seconds)
-
-
-async def session_read(owner: Any, session: str, max_bytes: int, wait_seconds: float) -> dict:
-    return await exec_session.sessions_of(owner).get(session).read(max_bytes, wait_seconds)
-
-
-async def session_close_stdin(owner: Any, session: str) -> dict:
-    await exec_session.sessions_of(owner).get(session).close_stdin()
-    return {}
-
-
-async def session_resize(owner: Any, session: str, width: int, height: int) -> dict:
-    await exec_session.sessions_of(owner).get(session).resize(width, height)
-    return {}
-
-
-async def session_close(owner: Any, session: str) -> dict:
-    await exec_session.sessions_of(owner).close(session)
-    return {}

@@ -1,7 +1,13 @@
-"""Streaming exec and attach sessions: processes whose stdio the frontend relays over the bus.
+"""Streaming exec and attach sessions: processes whose stdio is streamed to the frontend.
+
+A session is started by a bus call (`exec_start`, `attach_start`) and then
+served on its own stream (shared/bus/streams.py): output frames as the process
+writes, input as the frontend sends it, a resize for a terminal, and an end
+with the exit code.
 
 Exec runs `runc exec` for a process spec built from the container's own
-(environment, user, capabilities, cwd) with the requested command. With a
+(environment, user, capabilities, cwd) with the requested command, under a
+parent-death signal: should runtimed die, the process gets a hangup. With a
 terminal, runc gets a pseudo-terminal of ours as its stdio and relays it to
 the container's terminal; a resize sets our terminal's size and sends runc
 SIGWINCH, which runc copies to the container's terminal. Without one, plain
@@ -13,10 +19,10 @@ SOCK_SEQPACKET socket): each packet from conmon is one byte naming the pipe
 shutting down our write side tells conmon that stdin ended. Resizes go through
 conmon's control fifo.
 
-Output waits in a bounded buffer; while it is full nothing more is read from
-the process, whose writes then block: a client that stops reading stops the
-process, not the daemon's memory. A session nobody has asked about for
-`IDLE_TIMEOUT` seconds is ended (process killed, descriptors closed).
+Output is read only as fast as the stream takes it: a client that stops
+reading stops the process (its writes block), not the daemon's memory. A
+session ends with its process, or when its frontend goes away (the process is
+killed), or when no frontend claims it (see the stream listener).
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import fcntl
 import json
 import os
 import pty
-import secrets
 import signal
 import socket
 import struct
@@ -39,116 +44,17 @@ import structlog
 
 from services.runtimed import conmon
 from services.runtimed.runc import Runc
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from shared.bus.streams import READ_SIZE, STDERR, STDOUT, DaemonStream, End
+from shared.errors import FailedPrecondition, InvalidArgument
 
 log = structlog.get_logger(__name__)
 
-OUTPUT_LIMIT = 256 * 1024
-READ_SIZE = 32 * 1024
+ATTACH_PACKET = 32 * 1024
 STDIN_CHUNK = 8192  # conmon reads its attach socket 8 KiB at a time
-IDLE_TIMEOUT = 60.0
-JANITOR_INTERVAL = 5.0
-# Each live session keeps about one long poll in flight, out of the bus server's 256 slots.
-MAX_SESSIONS = 100
-MAX_WAIT = 30.0
 PID_FILE_WAIT = 5.0
+SETPRIV = "/usr/bin/setpriv"
 ATTACH_STDOUT = 2
 ATTACH_STDERR = 3
-
-
-class Session:
-    """Bounded output buffer, stdin, exit status: what every session kind shares."""
-
-    kind = "session"
-
-    def __init__(self) -> None:
-        self.id = secrets.token_hex(16)
-        self.touched = time.monotonic()
-        self._chunks: list[tuple[str, bytes]] = []
-        self._size = 0
-        self._changed = asyncio.Condition()
-        self.output_done = False
-        self.done = False
-        self.exit_code: int | None = None
-        self.error: str | None = None
-        self.closed = False
-        self._tasks: list[asyncio.Task[Any]] = []
-
-    # -- output -------------------------------------------------------------
-
-    async def _push(self, stream: str, data: bytes) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._size < OUTPUT_LIMIT or self.closed)
-            if self.closed:
-                return
-            self._chunks.append((stream, data))
-            self._size += len(data)
-            self._changed.notify_all()
-
-    async def _finish(self, exit_code: int | None = None, error: str | None = None) -> None:
-        async with self._changed:
-            self.exit_code = exit_code
-            self.error = error
-            self.done = True
-            self._changed.notify_all()
-
-    async def read(self, max_bytes: int, wait: float) -> dict[str, Any]:
-        self.touched = time.monotonic()
-        wait = max(0.0, min(wait, MAX_WAIT))
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self._chunks or self.done), wait)
-            except asyncio.TimeoutError:
-                pass
-            out = {"stdout": bytearray(), "stderr": bytearray()}
-            budget = max(1, max_bytes)
-            while self._chunks and budget > 0:
-                stream, data = self._chunks[0]
-                if len(data) > budget:
-                    out[stream] += data[:budget]
-                    self._chunks[0] = (stream, data[budget:])
-                    self._size -= budget
-                    budget = 0
-                    break
-                out[stream] += data
-                self._chunks.pop(0)
-                self._size -= len(data)
-                budget -= len(data)
-            self._changed.notify_all()
-            finished = self.done and not self._chunks
-        self.touched = time.monotonic()
-        return {"stdout": bytes(out["stdout"]), "stderr": bytes(out["stderr"]), "done": finished,
-                "exit_code": self.exit_code if finished else None, "error": self.error if finished else None}
-
-    # -- input and control: per kind ------------------------------------------
-
-    async def write(self, data: bytes, wait: float) -> dict[str, Any]:
-        raise NotImplementedError
-
-    async def close_stdin(self) -> None:
-        raise NotImplementedError
-
-    async def resize(self, width: int, height: int) -> None:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        self.closed = True
-        async with self._changed:
-            self._changed.notify_all()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def _pump(session: Session, stream: str, reader: asyncio.StreamReader) -> None:
-    while True:
-        try:
-            data = await reader.read(READ_SIZE)
-        except OSError:  # EIO: the terminal's other side closed
-            data = b""
-        if not data:
-            return
-        await session._push(stream, data)
 
 
 def _reader_for_fd(loop: asyncio.AbstractEventLoop, fd: int) -> Any:
@@ -157,12 +63,11 @@ def _reader_for_fd(loop: asyncio.AbstractEventLoop, fd: int) -> Any:
                                           os.fdopen(fd, "rb", buffering=0))
 
 
-class ExecSession(Session):
+class ExecSession:
     kind = "exec"
 
     def __init__(self, runc: Runc, container_id: str, bundle: str, cmd: list[str], *, tty: bool,
                  stdin: bool) -> None:
-        super().__init__()
         self.runc = runc
         self.container_id = container_id
         self.bundle = bundle
@@ -171,9 +76,9 @@ class ExecSession(Session):
         self.stdin = stdin
         self.proc: asyncio.subprocess.Process | None = None
         self._master: int | None = None
+        self._outputs: list[tuple[int, asyncio.StreamReader]] = []
         self._stdin_writer: asyncio.StreamWriter | None = None
-        self._stdin_transport: asyncio.BaseTransport | None = None
-        tag = self.id[:16]
+        tag = os.urandom(8).hex()
         self.process_file = os.path.join(bundle, f"exec-{tag}.json")
         self.pid_file = os.path.join(bundle, f"exec-{tag}.pid")
         self.log_file = os.path.join(bundle, f"exec-{tag}.log")
@@ -192,6 +97,9 @@ class ExecSession(Session):
         args = self.runc.exec_args(self.container_id, self.process_file, self.pid_file)
         at = args.index("exec")
         args[at:at] = ["--log", self.log_file, "--log-format", "json"]
+        # Should runtimed die without ending the session, runc gets SIGHUP and passes it on to the
+        # process, as a terminal's hangup would: nobody is left to read it or to kill it.
+        args = [SETPRIV, "--pdeathsig", "HUP", *args]
         loop = asyncio.get_running_loop()
         if self.tty:
             master, slave = pty.openpty()
@@ -211,7 +119,7 @@ class ExecSession(Session):
                 wt, wp = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
                                                        os.fdopen(os.dup(master), "wb", buffering=0))
                 self._stdin_writer = asyncio.StreamWriter(wt, wp, None, loop)
-            self._tasks.append(asyncio.create_task(_pump(self, "stdout", reader)))
+            self._outputs = [(STDOUT, reader)]
         else:
             self.proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.PIPE if self.stdin else asyncio.subprocess.DEVNULL,
@@ -219,56 +127,46 @@ class ExecSession(Session):
                 limit=READ_SIZE)
             self._stdin_writer = self.proc.stdin
             assert self.proc.stdout is not None and self.proc.stderr is not None
-            self._tasks += [asyncio.create_task(_pump(self, "stdout", self.proc.stdout)),
-                            asyncio.create_task(_pump(self, "stderr", self.proc.stderr))]
-        self._tasks.append(asyncio.create_task(self._wait()))
-        log.info("exec_session_started", session=self.id, container_id=self.container_id, tty=self.tty)
+            self._outputs = [(STDOUT, self.proc.stdout), (STDERR, self.proc.stderr)]
+        log.info("exec_session_started", container_id=self.container_id, tty=self.tty, pid=self.proc.pid)
 
-    async def _wait(self) -> None:
+    async def serve(self, stream: DaemonStream) -> End:
         assert self.proc is not None
-        code = await self.proc.wait()
-        pumps = [t for t in self._tasks if t is not asyncio.current_task()]
-        if self.tty:
-            # The terminal's other side is closed by now; what is left is buffered in it.
-            await asyncio.gather(*pumps, return_exceptions=True)
-        else:
-            await asyncio.gather(*pumps, return_exceptions=True)
-        started = conmon.read_pidfile(self.pid_file) is not None
+        pumps = [asyncio.create_task(stream.copy_output(reader, kind)) for kind, reader in self._outputs]
+        feeder = asyncio.create_task(self._feed(stream)) if self._stdin_writer is not None else None
+        try:
+            code: int | None = await self.proc.wait()
+            # What the process wrote last is still in the pipes (or the terminal).
+            await asyncio.gather(*pumps)
+        finally:
+            for task in (*pumps, feeder):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*pumps, *([feeder] if feeder else []), return_exceptions=True)
         error = None
-        if not started:
+        if conmon.read_pidfile(self.pid_file) is None:
             error = _runc_error(self.log_file) or f"runc exec failed with status {code}"
             code = None
-        await self._finish(exit_code=code, error=error)
         self._cleanup_files()
-        log.info("exec_session_ended", session=self.id, exit_code=code, error=error)
+        log.info("exec_session_ended", container_id=self.container_id, exit_code=code, error=error)
+        return End(exit_code=code, error=error)
 
-    async def write(self, data: bytes, wait: float) -> dict[str, Any]:
-        self.touched = time.monotonic()
+    async def _feed(self, stream: DaemonStream) -> None:
         writer = self._stdin_writer
-        if writer is None or writer.is_closing():
-            return {"written": 0, "closed": True}
+        assert writer is not None
+        if not await stream.copy_input(writer):
+            return
         try:
-            await asyncio.wait_for(writer.drain(), max(0.0, min(wait, MAX_WAIT)))
-        except asyncio.TimeoutError:
-            return {"written": 0}
+            if self.tty:
+                # A terminal has no end of file of its own: send its EOF character, as a user would.
+                writer.write(b"\x04")
+                await writer.drain()
+            else:
+                writer.close()
         except (ConnectionError, OSError):
-            return {"written": 0, "closed": True}
-        writer.write(data)
-        return {"written": len(data)}
+            pass
 
-    async def close_stdin(self) -> None:
-        self.touched = time.monotonic()
-        writer = self._stdin_writer
-        if writer is None or writer.is_closing():
-            return
-        if self.tty:
-            # A terminal has no end of file of its own: send its EOF character, as a user would.
-            writer.write(b"\x04")
-            return
-        writer.close()
-
-    async def resize(self, width: int, height: int) -> None:
-        self.touched = time.monotonic()
+    def resize(self, width: int, height: int) -> None:
         if self._master is None or self.proc is None or self.proc.returncode is not None:
             return
         fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
@@ -300,16 +198,20 @@ class ExecSession(Session):
                 try:
                     await asyncio.wait_for(self.proc.wait(), 5)
                 except asyncio.TimeoutError:
-                    log.warning("exec_session_unkillable", session=self.id)
-        await super().close()
+                    log.warning("exec_session_unkillable", container_id=self.container_id, pid=self.proc.pid)
         if self._stdin_writer is not None:
             self._stdin_writer.close()
+            self._stdin_writer = None
         if self.proc is not None:
-            # Pipes whose readers were cancelled keep the process transport open otherwise.
+            # Pipes nobody reads any more keep the process transport open otherwise.
             transport = getattr(self.proc, "_transport", None)
             if transport is not None:
                 transport.close()
         if self._master is not None:
+            for _kind, reader in self._outputs:
+                transport = getattr(reader, "_transport", None)
+                if transport is not None:
+                    transport.close()
             os.close(self._master)
             self._master = None
         self._cleanup_files()
@@ -346,12 +248,11 @@ def _runc_error(log_file: str) -> str | None:
     return None
 
 
-class AttachSession(Session):
+class AttachSession:
     kind = "attach"
 
     def __init__(self, container_id: str, bundle: str, socket_dir: str, *, tty: bool, stdin: bool,
                  stdin_once: bool) -> None:
-        super().__init__()
         self.container_id = container_id
         self.bundle = bundle
         self.socket_dir = socket_dir
@@ -359,7 +260,6 @@ class AttachSession(Session):
         self.stdin = stdin
         self.stdin_once = stdin_once
         self.sock: socket.socket | None = None
-        self._send_lock = asyncio.Lock()
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -378,129 +278,64 @@ class AttachSession(Session):
         finally:
             os.close(dir_fd)
         self.sock = sock
-        self._tasks.append(asyncio.create_task(self._receive()))
-        log.info("attach_session_started", session=self.id, container_id=self.container_id)
+        log.info("attach_session_started", container_id=self.container_id)
 
-    async def _receive(self) -> None:
+    async def serve(self, stream: DaemonStream) -> End:
+        receiver = asyncio.create_task(self._receive(stream))
+        feeder = asyncio.create_task(self._feed(stream)) if self.stdin else None
+        try:
+            if feeder is not None and not self.stdin_once and not self.tty:
+                # The container keeps its stdin for the next client: this attach is over when our stdin ends.
+                await asyncio.wait({receiver, feeder}, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await receiver
+        finally:
+            for task in (receiver, feeder):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(receiver, *([feeder] if feeder else []), return_exceptions=True)
+        return End()
+
+    async def _receive(self, stream: DaemonStream) -> None:
+        """conmon's packets to the stream, until conmon closes the socket (the container ended)."""
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                packet = await loop.sock_recv(self.sock, ATTACH_PACKET + 1)
+            except OSError:
+                return
+            if not packet:
+                return
+            kind = {ATTACH_STDOUT: STDOUT, ATTACH_STDERR: STDERR}.get(packet[0])
+            if kind is not None and len(packet) > 1:
+                try:
+                    await stream.send(kind, packet[1:])
+                except (ConnectionError, OSError):
+                    return
+
+    async def _feed(self, stream: DaemonStream) -> None:
         assert self.sock is not None
         loop = asyncio.get_running_loop()
         try:
-            while True:
-                try:
-                    packet = await loop.sock_recv(self.sock, READ_SIZE + 1)
-                except OSError:
-                    break
-                if not packet:
-                    break
-                stream = {ATTACH_STDOUT: "stdout", ATTACH_STDERR: "stderr"}.get(packet[0])
-                if stream is not None and len(packet) > 1:
-                    await self._push(stream, packet[1:])
-        finally:
-            await self._finish(exit_code=None)
-
-    async def write(self, data: bytes, wait: float) -> dict[str, Any]:
-        self.touched = time.monotonic()
-        if self.sock is None or not self.stdin:
-            return {"written": 0, "closed": True}
-        loop = asyncio.get_running_loop()
-        written = 0
-        try:
-            async with self._send_lock:
+            while data := await stream.receive():
                 for at in range(0, len(data), STDIN_CHUNK):
-                    await asyncio.wait_for(loop.sock_sendall(self.sock, data[at:at + STDIN_CHUNK]),
-                                           max(0.1, min(wait, MAX_WAIT)))
-                    written = min(len(data), at + STDIN_CHUNK)
-        except asyncio.TimeoutError:
-            return {"written": written}
+                    await loop.sock_sendall(self.sock, data[at:at + STDIN_CHUNK])
+            self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            return {"written": written, "closed": True}
-        return {"written": written}
-
-    async def close_stdin(self) -> None:
-        self.touched = time.monotonic()
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
+            while await stream.receive():  # the container's stdin is gone
                 pass
-        if not self.stdin_once and not self.tty:
-            # The container keeps its stdin for the next client: this attach is over.
-            await self._finish(exit_code=None)
 
-    async def resize(self, width: int, height: int) -> None:
-        self.touched = time.monotonic()
+    def resize(self, width: int, height: int) -> None:
         try:
             conmon.resize(self.bundle, height, width)
         except Exception as e:  # a stopped conmon: nothing left to resize
-            log.debug("attach_resize_failed", session=self.id, error=str(e))
+            log.debug("attach_resize_failed", container_id=self.container_id, error=str(e))
 
     async def close(self) -> None:
-        await super().close()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-class Sessions:
-    """The daemon's live sessions, and the janitor that ends abandoned ones."""
-
-    def __init__(self, idle_timeout: float = IDLE_TIMEOUT, max_sessions: int = MAX_SESSIONS) -> None:
-        self.idle_timeout = idle_timeout
-        self.max_sessions = max_sessions
-        self.sessions: dict[str, Session] = {}
-        self._janitor: asyncio.Task[None] | None = None
-
-    async def add(self, session: Any) -> dict[str, Any]:
-        if len(self.sessions) >= self.max_sessions:
-            raise ResourceExhausted(f"too many streaming sessions (max {self.max_sessions})")
-        try:
-            await session.start()
-        except BaseException:
-            await session.close()
-            raise
-        self.sessions[session.id] = session
-        if self._janitor is None or self._janitor.done():
-            self._janitor = asyncio.create_task(self._sweep(), name="exec-session-janitor")
-        return {"session": session.id}
-
-    def get(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise NotFound(f"streaming session {session_id} not found (ended or expired)")
-        return session
-
-    async def close(self, session_id: str) -> None:
-        session = self.sessions.get(session_id)
-        if session is not None:
-            try:
-                await session.close()
-            finally:
-                self.sessions.pop(session_id, None)
-
-    async def close_all(self) -> None:
-        for session_id in list(self.sessions):
-            await self.close(session_id)
-        if self._janitor is not None:
-            self._janitor.cancel()
-            await asyncio.gather(self._janitor, return_exceptions=True)
-
-    async def _sweep(self) -> None:
-        while self.sessions:
-            await asyncio.sleep(min(JANITOR_INTERVAL, self.idle_timeout / 2))
-            now = time.monotonic()
-            for session_id, session in list(self.sessions.items()):
-                if now - session.touched > self.idle_timeout:
-                    log.info("streaming_session_abandoned", session=session_id, kind=session.kind)
-                    await self.close(session_id)
-
-
-def sessions_of(owner: Any) -> Sessions:
-    """The session registry kept on the daemon object."""
-    registry = getattr(owner, "_streaming_sessions", None)
-    if registry is None:
-        registry = Sessions()
-        owner._streaming_sessions = registry
-    return registry
 
 
 def check_streams(cmd: list[Any] | None, *, tty: bool, stdin: bool, stdout: bool, stderr: bool) -> None:

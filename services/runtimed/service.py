@@ -251,31 +251,11 @@ class Runtimed(Service):
     @method
     async def exec_start(self, container_id: str, cmd: list, tty: bool = False, stdin: bool = False,
                          stdout: bool = True, stderr: bool = True) -> dict:
-        """Start `cmd` in the running container for a streaming exec; {"session"}."""
+        """Start `cmd` in the running container for a streaming exec; {"token"} of its stream."""
         return await container_exec.exec_start(self.ctx, self, container_id, cmd, tty, stdin, stdout, stderr)
 
     @method
     async def attach_start(self, container_id: str, tty: bool = False, stdin: bool = False,
                            stdout: bool = True, stderr: bool = True) -> dict:
-        """Connect to the running container's stdio through conmon; {"session"}."""
+        """Connect to the running container's stdio through conmon; {"token"} of its stream."""
         return await container_exec.attach_start(self.ctx, self, container_id, tty, stdin, stdout, stderr)
-
-    @method
-    async def session_write(self, session: str, data: bytes, wait_seconds: float = 5.0) -> dict:
-        return await container_exec.session_write(self, session, data, wait_seconds)
-
-    @method
-    async def session_read(self, session: str, max_bytes: int = 65536, wait_seconds: float = 5.0) -> dict:
-        return await container_exec.session_read(self, session, max_bytes, wait_seconds)
-
-    @method
-    async def session_close_stdin(self, session: str) -> dict:
-        return await container_exec.session_close_stdin(self, session)
-
-    @method
-    async def session_resize(self, session: str, width: int, height: int) -> dict:
-        return await container_exec.session_resize(self, session, width, height)
-
-    @method
-    async def session_close(self, session: str) -> dict:
-        return await container_exec.session_close(self, session)

@@ -33,7 +33,7 @@ from services.storaged.digests import hex_of
 from services.storaged.tar_extract import extract_tar
 from services.storaged.usage import measure
 from shared import atomic
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
 
@@ -127,8 +127,8 @@ class LayerStore:
                media_type: str, blob_root: str, allow_device_nodes: bool) -> LayerRecord:
         """Unpack one layer blob and commit it under its chain id."""
         work = Path(os.path.join(self.tmp_dir, f"{hex_of(chain_id)[:16]}-{secrets.token_hex(4)}"))
-        work.mkdir(mode=0o700)
         try:
+            work.mkdir(mode=0o700)
             diff = work / DIFF
             diff.mkdir()
             os.chmod(diff, 0o755)
@@ -148,8 +148,10 @@ class LayerStore:
                 tar_size=reader.size, used_bytes=usage.used_bytes, inodes=usage.inodes,
                 created=time.time())
             record = self._commit(work, record)
-        except BaseException:
+        except BaseException as e:
             _discard(str(work))
+            if is_no_space(e):
+                raise out_of_space(e, self.root, f"unpacking layer {diff_id}") from e
             raise
         log.info("layer_unpacked", chain_id=chain_id, diff_id=diff_id, tar_size=record.tar_size,
                  inodes=record.inodes)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import structlog
 
 from shared import atomic
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
 
@@ -104,8 +104,10 @@ class RootfsStore:
             atomic.write_json(os.path.join(work, RECORD), asdict(record), mode=0o600)
             os.rename(work, self.dir(container_id))
             atomic.fsync_dir(self.rootfs_dir)
-        except BaseException:
+        except BaseException as e:
             _rmtree(work)
+            if is_no_space(e):
+                raise out_of_space(e, self.root, f"creating the root file system of container {container_id}") from e
             raise
         return record
 

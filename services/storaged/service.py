@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import structlog
 
 from services.storaged import overlay
-from services.storaged.digests import chain_ids, check_digest
+from services.storaged.digests import check_digest
 from services.storaged.layer_store import LayerRecord, LayerStore
+from services.storaged.layer_unpacks import LayerUnpacks
 from services.storaged.rootfs_store import CREATED, RootfsRecord, RootfsStore, check_container_id
 from services.storaged.usage import measure, measure_all
 from shared import mountinfo, tracing
@@ -23,10 +23,6 @@ from shared.errors import AlreadyExists, CriopyError, InvalidArgument, NotFound
 from shared.keyed_locks import KeyedLocks
 
 log = structlog.get_logger(__name__)
-
-# Layers extracted at once: decompression, hashing and file writes release
-# the GIL, so threads overlap well; more would only compete for the disk.
-_PARALLEL_UNPACKS = max(1, min(4, os.cpu_count() or 1))
 
 
 class Storaged(Service):
@@ -44,19 +40,12 @@ class Storaged(Service):
         self._root = os.path.realpath(config.state_dir("storaged"))
         self._layers = LayerStore(self._root)
         self._rootfs = RootfsStore(self._root, self._layers.tmp_dir, self._layers.trash_dir)
-        self._blob_root = str(config.state_dir("imaged"))
-        self._records: dict[str, LayerRecord] = {}
         self._containers: dict[str, RootfsRecord] = {}
+        self._unpacks = LayerUnpacks(self._layers, config, in_use=lambda: [
+            r.top_layer for r in self._containers.values() if r.top_layer])
         # One container's root file system changes at a time; different containers' in parallel,
         # so that a big removal (an rmtree of its writable layer) holds up no other creation.
         self._rootfs_locks = KeyedLocks()
-        # One garbage collection at a time.
-        self._gc_lock = asyncio.Lock()
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        # Chain ids an unpack or a root file system creation is working on, with their
-        # parents: garbage collection spares them.
-        self._pins: dict[str, int] = {}
-        self._slots = asyncio.Semaphore(_PARALLEL_UNPACKS)
 
     # -- life cycle -------------------------------------------------------
 
@@ -66,7 +55,7 @@ class Storaged(Service):
         self._containers = containers
         # Stray mounts go first: deleting leftovers must never reach into a mount.
         await self._unmount_strays()
-        self._records = await asyncio.to_thread(self._layers.load)
+        self._unpacks.records = await asyncio.to_thread(self._layers.load)
         for container_id in broken:
             await asyncio.to_thread(self._rootfs.delete, container_id)
         for record in list(self._containers.values()):
@@ -79,8 +68,11 @@ class Storaged(Service):
 
     async def stop(self) -> None:
         # Mounts stay: containers keep running while storaged restarts.
-        for task in list(self._inflight.values()):
-            task.cancel()
+        self._unpacks.cancel()
+
+    @property
+    def _records(self) -> dict[str, LayerRecord]:
+        return self._unpacks.records
 
     async def _unmount_strays(self) -> None:
         """Unmount whatever is mounted in the store but is no container's root file system."""
@@ -104,70 +96,14 @@ class Storaged(Service):
                 # Left unmounted: create_rootfs mounts it again, remove_rootfs cleans up.
                 log.error("rootfs_remount_failed", container_id=record.container_id, error=e.message)
 
-    # -- layers -------------------------------------------------------------
+    # -- layers (layer_unpacks.py) ---------------------------------------------
 
     @method
     async def unpack(self, layers: list[dict]) -> dict[str, Any]:
         """Unpack layer blobs (bottom first) into the store; returns their chain ids and uncompressed sizes."""
         if not isinstance(layers, list):
             raise InvalidArgument("layers must be a list")
-        specs = [_layer_spec(i, layer) for i, layer in enumerate(layers)]
-        chain = chain_ids([s["diff_id"] for s in specs])
-        try:
-            with self._pinned(chain):
-                async with asyncio.TaskGroup() as group:
-                    for i, spec in enumerate(specs):
-                        parent = chain[i - 1] if i else None
-                        group.create_task(self._ensure_layer(chain[i], parent, spec))
-        except BaseExceptionGroup as group_error:
-            raise _first_error(group_error) from None
-        sizes = [self._records[cid].tar_size for cid in chain]
-        return {"chain_ids": chain, "top_layer": chain[-1] if chain else None,
-                "layer_sizes": sizes, "unpacked_size": sum(sizes)}
-
-    async def _ensure_layer(self, chain_id: str, parent: str | None, spec: dict) -> None:
-        """Unpack one layer unless it is there; concurrent requests share the work."""
-        while chain_id not in self._records:
-            task = self._inflight.get(chain_id)
-            mine = task is None
-            if task is None:
-                task = asyncio.create_task(self._unpack_one(chain_id, parent, spec))
-                self._inflight[chain_id] = task
-                task.add_done_callback(lambda t: self._forget_inflight(chain_id, t))
-            try:
-                await asyncio.shield(task)
-            except CriopyError:
-                if mine:
-                    raise
-                # Another request's blob failed; try with this request's own blob.
-
-    @contextmanager
-    def _pinned(self, chain_ids: list[str]) -> Iterator[None]:
-        """Spare these layers (and their parents) from garbage collection while the block runs."""
-        for cid in chain_ids:
-            self._pins[cid] = self._pins.get(cid, 0) + 1
-        try:
-            yield
-        finally:
-            for cid in chain_ids:
-                self._pins[cid] -= 1
-                if not self._pins[cid]:
-                    del self._pins[cid]
-
-    def _forget_inflight(self, chain_id: str, task: asyncio.Task[None]) -> None:
-        if self._inflight.get(chain_id) is task:
-            del self._inflight[chain_id]
-
-    async def _unpack_one(self, chain_id: str, parent: str | None, spec: dict) -> None:
-        attributes = {"layer.chain_id": chain_id, "layer.diff_id": spec["diff_id"],
-                      "layer.media_type": spec["media_type"]}
-        async with self._slots:
-            with tracing.tracer(__name__).start_as_current_span("unpack layer", attributes=attributes):
-                record = await asyncio.to_thread(
-                    self._layers.unpack, chain_id=chain_id, parent=parent, diff_id=spec["diff_id"],
-                    blob_path=spec["path"], media_type=spec["media_type"], blob_root=self._blob_root,
-                    allow_device_nodes=self.config.crio.image.allow_device_nodes)
-        self._records[chain_id] = record
+        return await self._unpacks.unpack(layers)
 
     @method
     async def layer_status(self, chain_id: str) -> dict[str, Any] | None:
@@ -197,21 +133,15 @@ class Storaged(Service):
         return [r.to_wire() for r in self._records.values()]
 
     @method
-    async def gc_layers(self, keep_top_layers: list[str]) -> dict[str, Any]:
-        """Remove every layer that is neither in a kept stack nor under a root file system."""
+    async def gc_layers(self, keep_top_layers: list[str], only: list[str] | None = None) -> dict[str, Any]:
+        """Remove every layer (of `only`, when given) neither in a kept stack nor under a root file system."""
         if not isinstance(keep_top_layers, list):
             raise InvalidArgument("keep_top_layers must be a list")
+        if only is not None and not isinstance(only, list):
+            raise InvalidArgument("only must be a list")
         tops = [check_digest(t, "keep_top_layers entry") for t in keep_top_layers]
-        async with self._gc_lock:
-            # From here to the records' removal nothing awaits: a creation that has not
-            # pinned its layers yet finds them gone, one that has finds them kept.
-            tops += [r.top_layer for r in self._containers.values() if r.top_layer]
-            victims = LayerStore.unreachable(self._records, tops + list(self._pins), set(self._inflight))
-            for record in victims:
-                del self._records[record.chain_id]
-            for record in victims:
-                await asyncio.to_thread(self._layers.remove, record)
-                log.info("layer_removed", chain_id=record.chain_id)
+        candidates = None if only is None else {check_digest(c, "only entry") for c in only}
+        victims = await self._unpacks.collect(tops, only=candidates)
         return {"removed": [r.chain_id for r in victims],
                 "freed_bytes": sum(r.used_bytes for r in victims)}
 
@@ -223,7 +153,7 @@ class Storaged(Service):
         check_container_id(container_id)
         if top_layer is not None:
             check_digest(top_layer, "top_layer")
-        with self._pinned([top_layer] if top_layer else []):
+        with self._unpacks.pinned([top_layer] if top_layer else []):
             async with self._rootfs_locks.hold(container_id):
                 return await self._create_rootfs(container_id, top_layer)
 
@@ -368,31 +298,3 @@ class Storaged(Service):
 
         return await asyncio.to_thread(measure_all)
 
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report for a failed group of layer unpacks: a typed one if any."""
-    leaves: list[BaseException] = []
-
-    def flatten(g: BaseExceptionGroup) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                flatten(e)
-            else:
-                leaves.append(e)
-
-    flatten(group)
-    return next((e for e in leaves if isinstance(e, CriopyError)), leaves[0])
-
-
-def _layer_spec(index: int, layer: Any) -> dict[str, str]:
-    """Check one entry of `unpack`'s layers (as imaged's pull returns them)."""
-    if not isinstance(layer, dict):
-        raise InvalidArgument(f"layers[{index}] must be a map")
-    diff_id = check_digest(layer.get("diff_id"), f"layers[{index}].diff_id")
-    path = layer.get("path")
-    if not isinstance(path, str) or not os.path.isabs(path):
-        raise InvalidArgument(f"layers[{index}].path must be an absolute path, not {path!r:.200}")
-    media_type = layer.get("media_type") or ""
-    if not isinstance(media_type, str):
-        raise InvalidArgument(f"layers[{index}].media_type must be a string")
-    return {"diff_id": diff_id, "path": path, "media_type": media_type}

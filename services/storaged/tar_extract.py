@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 import structlog
 
-from shared.errors import Internal, InvalidArgument, PermissionDenied, ResourceExhausted
+from shared.errors import Internal, InvalidArgument, PermissionDenied, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
 
@@ -70,10 +70,10 @@ def _reject(entry: str, why: str) -> InvalidArgument:
     return InvalidArgument(f"layer entry {entry!r}: {why}")
 
 
-def _fs_error(err: OSError, entry: str) -> Exception:
+def _fs_error(err: OSError, entry: str, dest: str) -> Exception:
+    if is_no_space(err):
+        return out_of_space(err, dest, f"unpacking layer entry {entry!r}")
     what = f"layer entry {entry!r}: {err.strerror or err}"
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(f"{what} (no space left for the layer store)")
     if err.errno in (errno.EPERM, errno.EACCES):
         return PermissionDenied(f"{what} (storaged lacks a privilege to recreate it)")
     return Internal(what)
@@ -359,12 +359,12 @@ def extract_tar(stream: BinaryIO, dest: str, *, allow_device_nodes: bool) -> Non
                 try:
                     extractor.add(member, tar)
                 except OSError as e:
-                    raise _fs_error(e, entry) from e
+                    raise _fs_error(e, entry, dest) from e
             entry = "(directory metadata)"
             try:
                 extractor.finish()
             except OSError as e:
-                raise _fs_error(e, entry) from e
+                raise _fs_error(e, entry, dest) from e
     except tarfile.TarError as e:
         raise InvalidArgument(f"layer is not a valid tar archive (after {entry!r}): {e}") from e
     finally:

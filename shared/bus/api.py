@@ -44,6 +44,8 @@ class ServiceApi:
     network: bool = True
     # Whether the service publishes events, on the configuration's events endpoint of its name.
     publishes_events: bool = False
+    # Whether the service streams bytes (exec, attach, port-forward) on a socket of its own.
+    serves_streams: bool = False
 
 
 def retried(*callers: str) -> MethodInfo:
@@ -87,6 +89,7 @@ STORAGED = _daemon("storaged", network=False, methods={
 IMAGED = _daemon("imaged", methods={
     "pull": retried(FRONTEND),
     "mark_ready": retried(FRONTEND),
+    "abandon": retried(FRONTEND),
     "set_top_layer": retried(FRONTEND),
     "image_status": retried(FRONTEND),
     "list_images": retried(FRONTEND),
@@ -95,7 +98,8 @@ IMAGED = _daemon("imaged", methods={
     "fs_info": retried(FRONTEND),
 })
 
-NETD = _daemon("netd", methods={
+# Port-forward connections stream their bytes on a socket of their own (netd's port_forward.py).
+NETD = _daemon("netd", serves_streams=True, methods={
     "attach": retried(FRONTEND),
     "detach": retried(FRONTEND),
     "pod_network": retried(FRONTEND),
@@ -104,14 +108,11 @@ NETD = _daemon("netd", methods={
     "pod_network_stats": retried(FRONTEND),
     "update_pod_cidr": retried(FRONTEND),
     "pf_open": once(FRONTEND),
-    "pf_write": once(FRONTEND),
-    "pf_read": once(FRONTEND),
-    "pf_close_write": retried(FRONTEND),
-    "pf_close": retried(FRONTEND),
 })
 
 # Container and pod events go to the frontend (GetContainerEvents); see runtimed's event_publisher.py.
-RUNTIMED = _daemon("runtimed", publishes_events=True, methods={
+# Exec and attach stream their bytes on a socket of their own (runtimed's exec_session.py).
+RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, methods={
     "runtime_config": retried(FRONTEND),
     "runtime_version": retried(FRONTEND),
     "reserve_sandbox": retried(FRONTEND),
@@ -139,11 +140,6 @@ RUNTIMED = _daemon("runtimed", publishes_events=True, methods={
     "checkpoint_container": once(FRONTEND),
     "exec_start": once(FRONTEND),
     "attach_start": once(FRONTEND),
-    "session_write": once(FRONTEND),
-    "session_read": once(FRONTEND),
-    "session_close_stdin": retried(FRONTEND),
-    "session_resize": retried(FRONTEND),
-    "session_close": retried(FRONTEND),
 })
 
 # The frontend answers only what every service answers, for `criopy status`.

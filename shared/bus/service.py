@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
 from shared import metrics, privileges
 from shared.bus.api import MethodInfo, ServiceApi
 from shared.config import Config
-from shared.errors import ApiMismatch
+from shared.errors import ApiMismatch, Unavailable
 from shared.version import VERSION
 
 if TYPE_CHECKING:
     from shared.bus.events import EventPublisher
+    from shared.bus.streams import StreamListener, StreamSession
     from shared.reload import ReloadResult
 
 Handler = Callable[..., Awaitable[Any]]
@@ -65,7 +66,7 @@ def method(func: Handler) -> Handler:
 class Service:
     """Base of the five services: its bus methods, capabilities and life cycle."""
 
-    # Its row of the API table; `name`, `network` and `publishes_events` come from it.
+    # Its row of the API table; `name`, `network`, `publishes_events` and `serves_streams` come from it.
     api: ClassVar[ServiceApi]
     name: ClassVar[str]
     # Linux capabilities (CAP_* names) the service keeps; every other one is
@@ -75,23 +76,33 @@ class Service:
     network: ClassVar[bool] = True
     # Whether the service publishes events (on config.events_endpoint(name)).
     publishes_events: ClassVar[bool] = False
+    # Whether the service serves byte streams (on config.stream_socket(name)).
+    serves_streams: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         api = cls.__dict__.get("api")
         if api is not None:
-            cls.name, cls.network, cls.publishes_events = api.name, api.network, api.publishes_events
+            cls.name, cls.network = api.name, api.network
+            cls.publishes_events, cls.serves_streams = api.publishes_events, api.serves_streams
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
         self.ready = False
         self.publisher: "EventPublisher | None" = None  # set by the daemon runner
+        self.streams: "StreamListener | None" = None  # set by the daemon runner when serves_streams
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Publish an event to the frontend (dropped when nobody listens)."""
         if self.publisher is not None:
             self.publisher.publish(topic, event)
+
+    async def open_stream(self, session: "StreamSession") -> dict[str, str]:
+        """Start a session streamed on the service's stream socket; {"token"} names it there."""
+        if self.streams is None:
+            raise Unavailable(f"{self.name} serves no streams")
+        return {"token": await self.streams.open(session)}
 
     # -- life cycle -------------------------------------------------------
 

@@ -12,7 +12,9 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +27,7 @@ from websockets.asyncio.client import connect as ws_connect
 from tests.frontend.streaming.spdy_client import SpdyClient, UpgradeRefused
 from tests.frontend.streaming.tunnel import WebSocketTunnel
 from tests.support.pods import bridge_stack, busybox_registry
-from tests.support.stack import Stack
+from tests.support.stack import Stack, criopy
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -432,3 +434,123 @@ async def test_spdy_tunnelled_in_a_websocket_forwards_to_the_pod(world: World, s
     finally:
         await client.close()
     assert results == [(p, b"") for p in payloads]
+
+
+# -- many sessions, and a daemon restarting under one ----------------------------
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+async def _read_until(stream, marker: bytes) -> bytes:
+    out = b""
+    while marker not in out:
+        chunk = await stream.read()
+        assert chunk, out
+        out += chunk
+    return out
+
+
+async def test_a_hundred_open_sessions_leave_runtimed_answering(world: World) -> None:
+    marker = f"echoer-{secrets.token_hex(4)}"
+    script = "echo ready; while read line; do echo got:$line; done"
+
+    async def open_session():
+        client, s = await spdy_open(exec_url(world, ["sh", "-c", script, marker], stdin=True, stderr=False),
+                                    stdin=True, stderr=False)
+        await _read_until(s["stdout"], b"ready\n")
+        return client, s
+
+    sessions = []
+    try:
+        for _ in range(10):
+            sessions += await asyncio.gather(*(open_session() for _ in range(10)))
+        assert len(_processes_with(marker)) == 100
+        # Every session is open, each with its process and its stdin: runtimed still answers calls.
+        status = await asyncio.to_thread(world.stack.status)
+        assert status["runtimed"]["state"] == "up" and status["runtimed"]["ready"], status
+        reply = await asyncio.to_thread(world.stack.runtime.ExecSync, api_pb2.ExecSyncRequest(
+            container_id=world.worker, cmd=["echo", "answered"], timeout=10), timeout=30)
+        assert reply.stdout == b"answered\n" and reply.exit_code == 0
+        listed = await asyncio.to_thread(world.stack.runtime.ListContainers, api_pb2.ListContainersRequest(),
+                                         timeout=30)
+        assert world.worker in {c.id for c in listed.containers}
+        # The cap on sessions holds: one more is refused, with a reason.
+        client, s = await spdy_open(exec_url(world, ["true"], stderr=False), stderr=False)
+        try:
+            refused = json.loads(await s["error"].read_all())
+        finally:
+            await client.close()
+        assert refused["status"] == "Failure" and "too many streaming sessions" in refused["message"]
+        # And every session still carries bytes both ways.
+        for i, (_client, s) in enumerate(sessions):
+            await s["stdin"].write(f"ping-{i}\n".encode())
+        for i, (_client, s) in enumerate(sessions):
+            assert f"got:ping-{i}\n".encode() in await _read_until(s["stdout"], f"ping-{i}\n".encode())
+    finally:
+        await asyncio.gather(*(client.close() for client, _s in sessions))
+    for _ in range(600):
+        if not _processes_with(marker):
+            break
+        await asyncio.sleep(0.05)
+    assert not _processes_with(marker)
+
+
+def _restart(stack: Stack, service: str, *, crash: bool = False) -> None:
+    """Restart `service` as an operator would, or by killing it (the supervisor starts it again)."""
+    before = stack.pid(service)
+    if crash:
+        os.kill(before, signal.SIGKILL)
+    else:
+        result = criopy(stack.dirs, "restart", service)
+        assert result.returncode == 0, result.stderr
+    for _ in range(150):
+        status = stack.status().get(service, {})
+        if status.get("state") == "up" and status.get("ready") and status.get("pid") not in (None, before):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{service} did not come back: {stack.status()}")
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["restart", "crash"])
+async def test_restarting_runtimed_ends_its_sessions(world: World, crash: bool) -> None:
+    marker = str(40000 + secrets.randbelow(20000))
+    client, s = await spdy_open(exec_url(world, ["sh", "-c", f"echo started; exec sleep {marker}"], stdin=True,
+                                         stderr=False), stdin=True, stderr=False)
+    try:
+        await _read_until(s["stdout"], b"started\n")
+        for _ in range(100):
+            if _sleepers(marker):
+                break
+            await asyncio.sleep(0.05)
+        assert _sleepers(marker)
+        await asyncio.to_thread(_restart, world.stack, "runtimed", crash=crash)
+        # The client is told, rather than left waiting on a session nobody serves any more.
+        status = json.loads(await asyncio.wait_for(s["error"].read_all(), 30))
+        assert await s["stdout"].read_all() == b""
+    finally:
+        await client.close()
+    reason = "runtimed went away" if crash else "runtimed stopped"
+    assert status["status"] == "Failure" and reason in status["message"], status
+    # Stopping runtimed ends its sessions; a runtimed that dies leaves runc a hangup to pass on.
+    for _ in range(100):
+        if not _sleepers(marker):
+            break
+        await asyncio.sleep(0.05)
+    assert not _sleepers(marker)
+    # The restarted runtimed serves new sessions.
+    client, s = await spdy_open(exec_url(world, ["echo", "again"], stderr=False), stderr=False)
+    try:
+        assert await s["stdout"].read_all() == b"again\n"
+        assert json.loads(await s["error"].read_all())["status"] == "Success"
+    finally:
+        await client.close()

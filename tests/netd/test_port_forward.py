@@ -1,4 +1,4 @@
-"""Port-forward connections into a network namespace (a child enters it and passes the socket back)."""
+"""Port-forward connections into a network namespace (a child enters it and passes the socket back), streamed."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
 from services.netd import port_forward
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.bus.streams import ClientStream, End, StreamListener
+from shared.errors import FailedPrecondition, InvalidArgument
+from tests.support.stack import short_tempdir
+from tests.support.streams import read_all
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -52,61 +56,95 @@ def _listening(pid: int) -> bool:
     return f":{PORT:04X} 00000000:0000 0A" in text
 
 
-async def _http_get(conns: port_forward.Connections, conn_id: str) -> bytes:
-    conn = conns.get(conn_id)
-    await conn.write(b"GET /index.html HTTP/1.0\r\nHost: pod\r\n\r\n", 5)
-    await conn.close_write()
-    reply = b""
-    while True:
-        r = await conn.read(65536, 5)
-        reply += r["data"]
-        if r["eof"]:
-            return reply
+@pytest.fixture
+async def streams() -> AsyncIterator[StreamListener]:
+    """netd's stream socket, as the daemon runner gives it."""
+    base = short_tempdir("pf-")
+    listener = StreamListener("netd", base / "netd-streams.sock")
+    await listener.start()
+    try:
+        yield listener
+    finally:
+        await listener.close()
+        base.rmdir()
 
 
-async def test_connects_inside_the_namespace(httpd_netns):
+async def forward(streams: StreamListener, netns_path: str | None, port: int) -> ClientStream:
+    token = await streams.open(port_forward.ForwardedConnection(netns_path, port))
+    return await ClientStream.connect("netd", streams.path, token)
+
+
+async def _http_get(streams: StreamListener, netns_path: str) -> bytes:
+    client = await forward(streams, netns_path, PORT)
+    try:
+        await client.write(b"GET /index.html HTTP/1.0\r\nHost: pod\r\n\r\n")
+        await client.end_input()
+        out, _err, end = await read_all(client)
+        assert end == End()
+        return out
+    finally:
+        await client.close()
+
+
+async def test_connects_inside_the_namespace(httpd_netns, streams):
     # Not reachable from the host's namespace...
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
     # ...but through the helper it is.
-    conns = port_forward.Connections()
-    try:
-        replies = await asyncio.gather(*[
-            _http_get(conns, (await conns.open(httpd_netns, PORT))["conn"]) for _ in range(5)])
-        for reply in replies:
-            assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n")[0]
-            assert reply.endswith(b"hello from the pod\n")
-    finally:
-        await conns.close_all()
+    replies = await asyncio.gather(*[_http_get(streams, httpd_netns) for _ in range(5)])
+    for reply in replies:
+        assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n")[0]
+        assert reply.endswith(b"hello from the pod\n")
 
 
-async def test_refused_port_and_bad_input(httpd_netns):
-    conns = port_forward.Connections()
+async def test_refused_port_and_bad_input(httpd_netns, streams):
     with pytest.raises(FailedPrecondition) as refused:
-        await conns.open(httpd_netns, PORT + 1)
+        await streams.open(port_forward.ForwardedConnection(httpd_netns, PORT + 1))
     assert "refused" in refused.value.message.lower()
     with pytest.raises(InvalidArgument):
-        await conns.open(httpd_netns, 70000)
+        await streams.open(port_forward.ForwardedConnection(httpd_netns, 70000))
     with pytest.raises(FailedPrecondition):
-        await conns.open("/nonexistent/netns", PORT)
-    with pytest.raises(NotFound):
-        conns.get("nope")
+        await streams.open(port_forward.ForwardedConnection("/nonexistent/netns", PORT))
+    assert streams.sessions == {}
 
 
-async def test_abandoned_connection_is_closed(httpd_netns):
-    conns = port_forward.Connections(idle_timeout=1.0)
-    conn_id = (await conns.open(httpd_netns, PORT))["conn"]
-    conn = conns.get(conn_id)
+async def test_abandoned_connection_is_closed(httpd_netns, streams):
+    streams.claim_timeout = 1.0
+    conn = port_forward.ForwardedConnection(httpd_netns, PORT)
+    token = await streams.open(conn)
     for _ in range(200):
-        if conn_id not in conns.conns:
+        if token not in streams.sessions:
             break
         await asyncio.sleep(0.05)
-    assert conn_id not in conns.conns
+    assert token not in streams.sessions
     assert conn.writer.is_closing()
-    await conns.close_all()
 
 
-async def test_host_network_connects_without_entering_a_namespace():
+async def test_frontend_going_away_closes_the_pod_connection(streams):
+    closed = asyncio.Event()
+
+    async def handle(reader, writer):
+        await reader.read()  # until crio-py's side closes
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        client = await forward(streams, None, server.sockets[0].getsockname()[1])
+        await client.write(b"hello")
+        await client.close()
+        await asyncio.wait_for(closed.wait(), 10)
+        for _ in range(100):
+            if not streams.sessions:
+                break
+            await asyncio.sleep(0.05)
+        assert streams.sessions == {}
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_host_network_connects_without_entering_a_namespace(streams):
     async def handle(reader, writer):
         writer.write(b"host side\n")
         await writer.drain()
@@ -114,17 +152,10 @@ async def test_host_network_connects_without_entering_a_namespace():
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    conns = port_forward.Connections()
     try:
-        conn = conns.get((await conns.open(None, port))["conn"])
-        data = b""
-        while True:
-            r = await conn.read(65536, 5)
-            data += r["data"]
-            if r["eof"]:
-                break
-        assert data == b"host side\n"
+        client = await forward(streams, None, port)
+        assert await read_all(client) == (b"host side\n", b"", End())
+        await client.close()
     finally:
-        await conns.close_all()
         server.close()
         await server.wait_closed()

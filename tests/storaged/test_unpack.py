@@ -264,3 +264,46 @@ async def test_compression_is_sniffed_without_a_media_type(storaged, blob_dir, c
     blob = T.write_blob(blob_dir, [T.file("f", b"sniffed")], compression)
     top = (await storaged.unpack(layers=[{**blob.spec(), "media_type": ""}]))["top_layer"]
     assert (Path(storaged._layers.diff_dir(top)) / "f").read_bytes() == b"sniffed"
+
+
+async def test_a_failed_unpack_removes_the_layers_it_made(storaged, blob_dir):
+    lower = T.write_blob(blob_dir, [T.file("bin/busybox", BUSYBOX, mode=0o755)])
+    middle = T.write_blob(blob_dir, [T.file("middle", b"m")])
+    top = T.write_blob(blob_dir, [T.file("top", b"t")])
+    # The top layer fails after the two below it were unpacked (they are in its chain, unpacked in parallel).
+    with pytest.raises(InvalidArgument, match="diff_id"):
+        await storaged.unpack(layers=[lower.spec(), middle.spec(), {**top.spec(), "diff_id": "sha256:" + "0" * 64}])
+    store_is_clean(storaged)
+    assert await storaged.list_layers() == []
+
+
+async def test_a_failed_unpack_keeps_layers_that_were_there_or_another_call_got(storaged, blob_dir):
+    base = T.write_blob(blob_dir, [T.file("bin/busybox", BUSYBOX, mode=0o755)])
+    kept = T.write_blob(blob_dir, [T.file("kept", b"k")])
+    one = T.write_blob(blob_dir, [T.file("one", b"1")])
+    bad = {**T.write_blob(blob_dir, [T.file("bad", b"b")]).spec(), "diff_id": "sha256:" + "0" * 64}
+    before = await storaged.unpack(layers=[kept.spec()])
+
+    failed, fine = await asyncio.gather(
+        storaged.unpack(layers=[base.spec(), one.spec(), bad]),
+        storaged.unpack(layers=[base.spec(), one.spec()]),
+        return_exceptions=True)
+    assert isinstance(failed, InvalidArgument)
+    # The layers the failed call made are the other call's too, and the one already there stays.
+    assert {r["chain_id"] for r in await storaged.list_layers()} == {*fine["chain_ids"], *before["chain_ids"]}
+    assert os.listdir(Path(storaged._root) / "tmp") == []
+    assert len(os.listdir(Path(storaged._root) / "l")) == 3
+
+    with pytest.raises(InvalidArgument):
+        await storaged.unpack(layers=[kept.spec(), bad])
+    assert {r["chain_id"] for r in await storaged.list_layers()} == {*fine["chain_ids"], *before["chain_ids"]}
+
+
+async def test_gc_layers_only_among_given_layers(storaged, blob_dir):
+    blobs = [T.write_blob(blob_dir, [T.file(f"f{i}", str(i).encode())]) for i in range(3)]
+    stack = (await storaged.unpack(layers=[b.spec() for b in blobs]))["chain_ids"]
+    alone = (await storaged.unpack(layers=[T.write_blob(blob_dir, [T.file("alone")]).spec()]))["chain_ids"]
+    # Asked to drop the whole stack but keep its middle layer as a top: only the top layer goes.
+    result = await storaged.gc_layers(keep_top_layers=[stack[1]], only=stack)
+    assert result["removed"] == [stack[2]]
+    assert {r["chain_id"] for r in await storaged.list_layers()} == {stack[0], stack[1], *alone}
