@@ -9,8 +9,9 @@ import sys
 import time
 from typing import Any, Sequence
 
-from shared import config as configuration
-from shared.config import Config, ConfigSources
+from shared import config_load as configuration
+from shared.config import Config
+from shared.config_load import ConfigSources
 from shared.errors import ConfigError, CriopyError
 from shared.services import START_ORDER
 from shared.version import RUNTIME_API_VERSION, RUNTIME_NAME, VERSION
@@ -54,15 +55,9 @@ def _sources(args: argparse.Namespace) -> ConfigSources:
 
 
 async def _ask(config: Config, target: str, method: str, timeout: float, **params: Any) -> Any:
-    import zmq.asyncio
-
     from shared.bus.client import BusClient
-    from shared.services import service_class
-    from shared.supervisor import SupervisorApi
 
-    cls = SupervisorApi if target == "supervisor" else service_class(target)
-    context = zmq.asyncio.Context.instance()
-    client = BusClient(target, config.bus_endpoint(target), cls.bus_methods(), context=context)
+    client = BusClient.for_service(config, target)
     client.connect()
     try:
         return await client.call(method, deadline=time.time() + timeout, **params)

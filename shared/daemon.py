@@ -14,7 +14,8 @@ from shared.bus.events import SPANS_TOPIC, EventPublisher
 from shared.bus.server import BusServer
 from shared.bus.service import Service
 from shared.bus.streams import StreamListener
-from shared.config import Config, ConfigSources
+from shared.config import Config
+from shared.config_load import ConfigSources
 from shared.errors import ConfigError
 from shared.reload import ReloadResult, reload_into
 from shared.services import service_class
@@ -24,6 +25,8 @@ log = structlog.get_logger(__name__)
 
 def run_service(name: str, config: Config, sources: ConfigSources) -> int:
     cls = service_class(name)
+    # A class that does not implement exactly its row of the API table is refused (ApiMismatch).
+    cls.bus_methods()
     if not cls.network:
         privileges.isolate_network()
     # Capabilities are per thread: drop them while this is the only thread,

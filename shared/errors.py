@@ -12,6 +12,8 @@ import errno
 import os
 from typing import Any
 
+from shared import mountinfo
+
 
 class CriopyError(Exception):
     """Base of every error that is reported to a caller."""
@@ -99,6 +101,10 @@ class ConfigError(CriopyError):
     code = "INVALID_ARGUMENT"
 
 
+class ApiMismatch(Internal):
+    """A service's class does not implement exactly its row of the bus API table; it does not start."""
+
+
 # A full file system, and a user's or project's quota used up: to the caller both mean "no room".
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -126,31 +132,21 @@ def file_system_of(path: str | os.PathLike[str]) -> str:
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
         dev = os.stat(existing).st_dev
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
+        table = mountinfo.current()
     except OSError:
         return os.fspath(path)
     device = f"{os.major(dev)}:{os.minor(dev)}"
     found: tuple[bool, int, str] | None = None
-    for line in lines:
-        fields = line.split()
-        point = _unescape(fields[4]) if len(fields) > 4 else ""
-        if not (real == point or real.startswith(point.rstrip("/") + "/")) or "-" not in fields[6:]:
+    for mount in table:
+        point = mount.mount_point
+        if not (real == point or real.startswith(point.rstrip("/") + "/")):
             continue
-        rest = fields[fields.index("-", 6) + 1:]
         # The deepest mount above the path, of the path's own device when one matches
         # (btrfs subvolumes have another); the last of mounts stacked on one point.
-        key = (fields[2] == device, len(point), f"{point} ({rest[0] if rest else 'unknown type'})")
+        key = (mount.device == device, len(point), f"{point} ({mount.fstype or 'unknown type'})")
         if found is None or key[:2] >= found[:2]:
             found = key
     return found[2] if found else os.fspath(path)
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo path: space, tab, newline and backslash are octal escapes there."""
-    for code, char in (("040", " "), ("011", "\t"), ("012", "\n"), ("134", "\\")):
-        field = field.replace("\\" + code, char)
-    return field
 
 
 _BY_CODE: dict[str, type[CriopyError]] = {

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from shared.config import Config, ConfigSources, load
+from shared.config import Config
+from shared.config_load import ConfigSources, load
 
 # Dotted option paths (or table prefixes) that take effect without a restart.
 RELOADABLE: tuple[str, ...] = (

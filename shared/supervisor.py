@@ -19,9 +19,11 @@ from typing import Any
 import structlog
 import zmq.asyncio
 
+from shared.bus.api import SUPERVISOR
 from shared.bus.server import BusServer
 from shared.bus.service import Service, method
-from shared.config import Config, ConfigSources
+from shared.config import Config
+from shared.config_load import ConfigSources
 from shared.errors import ConfigError, InvalidArgument
 from shared.reload import reload_into
 from shared.services import START_ORDER
@@ -55,23 +57,23 @@ class Child:
 class SupervisorApi(Service):
     """The supervisor's own bus API."""
 
-    name = "supervisor"
+    api = SUPERVISOR
     capabilities = None
 
     def __init__(self, config: Config, supervisor: "Supervisor") -> None:
         super().__init__(config)
         self.supervisor = supervisor
 
-    @method(idempotent=True)
+    @method
     async def services(self) -> list[dict[str, Any]]:
         return [child.describe() for child in self.supervisor.children.values()]
 
-    @method(idempotent=False)
+    @method
     async def reload(self) -> dict[str, Any]:
         """Read the configuration again; refused (and nothing changes) when it is broken."""
         return self.supervisor.reload()
 
-    @method(idempotent=False)
+    @method
     async def restart(self, service: str) -> dict[str, Any]:
         child = self.supervisor.children.get(service)
         if child is None:

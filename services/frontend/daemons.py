@@ -10,7 +10,7 @@ import zmq.asyncio
 from services.frontend.event_hub import EventHub
 from shared.bus.client import BusClient
 from shared.config import Config
-from shared.services import DAEMONS, service_class
+from shared.services import DAEMONS
 
 
 class Daemons:
@@ -20,10 +20,7 @@ class Daemons:
         self.config = config
         # Their events (runtimed's, for GetContainerEvents), fanned out to CRI clients.
         self.events = EventHub(config, context)
-        self.clients: dict[str, BusClient] = {
-            name: BusClient(name, config.bus_endpoint(name), service_class(name).bus_methods(), context=context)
-            for name in DAEMONS
-        }
+        self.clients: dict[str, BusClient] = {name: BusClient.for_service(config, name, context) for name in DAEMONS}
 
     def connect(self) -> None:
         for client in self.clients.values():

@@ -10,14 +10,14 @@ from services.frontend.grpc_server import start_server
 from services.frontend.metrics_endpoint import MetricsEndpoint
 from services.frontend.span_relay import SpanRelay
 from services.frontend.streaming import stop_streaming_server, streaming_server
+from shared.bus.api import FRONTEND_API
 from shared.bus.client import BusClient
 from shared.bus.service import Service
 from shared.reload import ReloadResult
-from shared.supervisor import SupervisorApi
 
 
 class Frontend(Service):
-    name = "frontend"
+    api = FRONTEND_API
     # Serves sockets and calls the daemons: it needs no capability.
     capabilities = frozenset()
 
@@ -36,8 +36,7 @@ class Frontend(Service):
         # Listening from the start, as CRI-O's, so the first exec gets no extra delay.
         await streaming_server(self.config, self.daemons)
         self._grpc = await start_server(self.daemons, self.config)
-        self._supervisor = BusClient("supervisor", self.config.bus_endpoint("supervisor"),
-                                     SupervisorApi.bus_methods(), context=self._context)
+        self._supervisor = BusClient.for_service(self.config, "supervisor", self._context)
         self._supervisor.connect()
         await self._start_metrics()
 

@@ -15,9 +15,10 @@ import grpc
 import structlog
 import zmq.asyncio
 
+from shared.bus.api import API
 from shared.bus.events import SPANS_TOPIC, EventSubscriber
 from shared.config import Config
-from shared.services import DAEMONS, service_class
+from shared.services import DAEMONS
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +29,7 @@ class SpanRelay:
     def __init__(self, config: Config, context: zmq.asyncio.Context) -> None:
         self.config = config
         self._subscribers = [EventSubscriber(config.events_endpoint(name), context, topics=(SPANS_TOPIC,))
-                             for name in DAEMONS if not service_class(name).network]
+                             for name in DAEMONS if not API[name].network]
         self._tasks: list[asyncio.Task[None]] = []
         self._channel: grpc.aio.Channel | None = None
         self._channel_target = ""

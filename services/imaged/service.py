@@ -17,6 +17,7 @@ from services.imaged.puller import Puller
 from services.imaged.records import ImageRecords
 from services.imaged.registries_conf import RegistriesConfFile
 from shared import metrics
+from shared.bus.api import IMAGED
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -64,7 +65,7 @@ def _public(record: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
 
 
 class Imaged(Service):
-    name = "imaged"
+    api = IMAGED
     # Talks to registries and writes only its own store: no capability at all.
     capabilities = frozenset()
 
@@ -174,7 +175,7 @@ class Imaged(Service):
 
     # -- the bus API -----------------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def pull(self, reference: str, auth: dict | None = None) -> dict:
         """Fetch and verify an image into the store; its record is not listed until mark_ready."""
         assert self.puller is not None
@@ -216,7 +217,7 @@ class Imaged(Service):
             removed += 1
         return removed
 
-    @method(idempotent=True)
+    @method
     async def mark_ready(self, image_id: str) -> dict:
         """List the image, and move to it the names (tags, digests) its pulls asked for."""
         assert self.records is not None
@@ -224,7 +225,7 @@ class Imaged(Service):
             raise NotFound(f"image {image_id} not found")
         return {"image_id": image_id, "ready": True}
 
-    @method(idempotent=True)
+    @method
     async def abandon(self, image_id: str) -> dict:
         """Undo a pull that failed after its fetch: drop its record, unless ready, and the blobs only it needed.
 
@@ -243,7 +244,7 @@ class Imaged(Service):
         log.info("image_pull_abandoned", image_id=image_id)
         return {"image_id": image_id, "removed": True}
 
-    @method(idempotent=True)
+    @method
     async def layer_blobs(self, image_id: str) -> dict:
         """A ready image's layers with the paths of their blobs, for storaged to unpack them again.
 
@@ -259,7 +260,7 @@ class Imaged(Service):
         return {"image_id": image_id, "top_layer": record["top_layer"],
                 "layers": [{**l, "path": str(self.store.path(l["digest"]))} for l in record["layers"]]}
 
-    @method(idempotent=True)
+    @method
     async def set_top_layer(self, image_id: str, top_layer: str | None,
                             unpacked_size: int | None = None) -> dict:
         """Record where storaged unpacked the image, and its layers' uncompressed size; returns its size."""
@@ -274,12 +275,12 @@ class Imaged(Service):
         record = await asyncio.to_thread(self.records.get, image_id)
         return {"image_id": image_id, "top_layer": top_layer, "size": image_size(record) if record else None}
 
-    @method(idempotent=True)
+    @method
     async def image_status(self, reference: str, verbose: bool = False) -> dict | None:
         record = await self._resolve(reference)
         return None if record is None else _public(record, verbose)
 
-    @method(idempotent=True)
+    @method
     async def list_images(self, reference: str | None = None) -> list[dict]:
         assert self.records is not None
         if reference:
@@ -287,7 +288,7 @@ class Imaged(Service):
             return [] if record is None else [_public(record)]
         return [_public(r) for r in await asyncio.to_thread(self.records.all)]
 
-    @method(idempotent=True)
+    @method
     async def remove_image(self, reference: str, in_use: list[str] | None = None) -> dict:
         """Remove an image by id, tag or digest; a tag that other tags share is only untagged.
 
@@ -318,14 +319,14 @@ class Imaged(Service):
         return {"image_id": record["id"], "deleted": True,
                 "untagged": record["repo_tags"] + record["repo_digests"], "top_layer": record["top_layer"]}
 
-    @method(idempotent=True)
+    @method
     async def top_layers(self) -> list[str]:
         """The top layer of every image, ready or still being pulled: what storaged must keep."""
         assert self.records is not None
         records = await asyncio.to_thread(self.records.all, ready_only=False)
         return sorted({r["top_layer"] for r in records if r["top_layer"]})
 
-    @method(idempotent=True)
+    @method
     async def fs_info(self) -> dict:
         used, inodes = await asyncio.to_thread(disk_usage, self.state_dir)
         return {"mountpoint": str(self.state_dir), "used_bytes": used, "inodes_used": inodes,

@@ -8,10 +8,8 @@ after which the plugin and its children are killed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import structlog
 from opentelemetry.trace import Status, StatusCode
 
 from services.netd.orphans import OWNER_ENV
-from shared import metrics, tracing
+from shared import metrics, programs, tracing
 from shared.errors import DeadlineExceeded, Internal
 
 log = structlog.get_logger(__name__)
@@ -94,26 +92,17 @@ async def _run(plugin: Path, invocation: Invocation, stdin: bytes, timeout: floa
     name = plugin.name
     what = f"CNI plugin {name!r} {invocation.command}"
     try:
-        proc = await asyncio.create_subprocess_exec(
-            str(plugin), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=invocation.environ(), cwd="/",
-            start_new_session=True)  # own process group: a timeout kills its children too
-    except OSError as e:
-        raise PluginError(f"{what}: cannot execute {plugin}: {e.strerror}", plugin=name) from None
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except asyncio.TimeoutError:
-        _kill_group(proc.pid)
-        await proc.wait()
+        # A session of its own: a timeout kills the plugin's children too.
+        result = await programs.run([str(plugin)], timeout=timeout, input=stdin, env=invocation.environ(), cwd="/")
+    except DeadlineExceeded:
         raise PluginTimeout(f"{what} timed out after {timeout:g}s and was killed", plugin=name) from None
-    except BaseException:
-        _kill_group(proc.pid)
-        await proc.wait()
-        raise
+    except Internal as e:
+        raise PluginError(f"{what}: {e.message}", plugin=name) from None
+    stdout, stderr = result.stdout, result.stderr
     if stderr.strip():
         log.debug("cni_plugin_stderr", plugin=name, command=invocation.command, stderr=_shown(stderr))
-    if proc.returncode != 0:
-        raise _failure(what, name, proc.returncode, stdout, stderr)
+    if result.returncode != 0:
+        raise _failure(what, name, result.returncode, stdout, stderr)
     if not stdout.strip():
         if invocation.command in ("ADD", "VERSION"):
             raise PluginError(f"{what} succeeded but printed no result", plugin=name)
@@ -153,10 +142,3 @@ async def supported_versions(plugin: Path, plugin_dirs: tuple[str, ...], timeout
     if not isinstance(versions, list) or not all(isinstance(v, str) for v in versions):
         raise PluginError(f"CNI plugin {plugin.name!r} VERSION gave no supportedVersions list", plugin=plugin.name)
     return versions
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

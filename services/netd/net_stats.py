@@ -6,7 +6,6 @@ namespace; one child serves a whole request, whatever the number of pods.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from shared import programs
 from shared.errors import DeadlineExceeded, Internal
 
 log = structlog.get_logger(__name__)
@@ -26,22 +26,14 @@ async def read_counters(netns_paths: list[str], timeout: float = DEFAULT_TIMEOUT
     """{netns path: {"timestamp_ns", "interfaces": {name: counters}} or {"error"}} for each path."""
     if not netns_paths:
         return {}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-S", str(_CHILD), *netns_paths,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        start_new_session=True)
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-        proc.kill()
-        await proc.wait()
-        if isinstance(e, asyncio.CancelledError):
-            raise
+        result = await programs.run([sys.executable, "-I", "-S", str(_CHILD), *netns_paths], timeout=timeout)
+    except DeadlineExceeded:
         raise DeadlineExceeded(f"reading network counters took more than {timeout:g}s") from None
-    if proc.returncode != 0:
-        raise Internal(f"reading network counters: {stderr.decode(errors='replace').strip() or proc.returncode}")
+    if result.returncode != 0:
+        raise Internal(f"reading network counters: {result.stderr.decode(errors='replace').strip() or result.returncode}")
     try:
-        return json.loads(stdout)
+        return json.loads(result.stdout)
     except ValueError:
         raise Internal("reading network counters: unreadable output of the child") from None
 

@@ -12,50 +12,36 @@ Removal is an unmount and an unlink, both idempotent.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
 import re
-import signal
 from pathlib import Path
 
 import structlog
 
 from services.netd.orphans import OWNER_ENV
+from shared import programs
 from shared.errors import DeadlineExceeded, Internal, InvalidArgument
+from shared.mounts import MS_BIND, MS_REC, MS_SHARED, mount, unmount
 
 log = structlog.get_logger(__name__)
 
 PIN_PREFIX = "criopy-"
 UNSHARE = "/usr/bin/unshare"
 IP = "/usr/sbin/ip"
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_SHARED = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_MNT_DETACH = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-
-
-def _mount(source: str, target: str, flags: int) -> None:
-    if _libc.mount(source.encode(), target.encode(), b"none", flags, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _make_shared_dir(directory: str) -> None:
     """Make `directory` a shared mount point, bind-mounting it on itself if needed."""
     try:
-        _mount("", directory, _MS_SHARED | _MS_REC)
+        mount("", directory, "none", MS_SHARED | MS_REC)
         return
     except OSError as e:
         if e.errno != errno.EINVAL:  # EINVAL: not a mount point yet
             raise
-    _mount(directory, directory, _MS_BIND | _MS_REC)
-    _mount("", directory, _MS_SHARED | _MS_REC)
+    mount(directory, directory, "none", MS_BIND | MS_REC)
+    mount("", directory, "none", MS_SHARED | MS_REC)
 
 
 def _prepare(path: Path) -> None:
@@ -92,20 +78,14 @@ async def create(path: Path, timeout: float, owner: str = "") -> Path:
         raise Internal(f"creating network namespace {path}: {e.strerror or e}") from None
     if is_pinned(path):
         return path  # made by an earlier attempt
-    proc = await asyncio.create_subprocess_exec(
-        UNSHARE, f"--net={path}", IP, "link", "set", "lo", "up",
-        env={OWNER_ENV: owner} if owner else {},
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
     try:
-        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        _kill_group(proc.pid)
-        await proc.wait()
+        result = await programs.run([UNSHARE, f"--net={path}", IP, "link", "set", "lo", "up"],
+                                    timeout=timeout, env={OWNER_ENV: owner} if owner else {})
+    except DeadlineExceeded:
         await remove(path)
         raise DeadlineExceeded(f"creating network namespace {path} took more than {timeout:g}s") from None
-    if proc.returncode != 0:
-        reason = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+    if result.returncode != 0:
+        reason = result.stderr.decode(errors="replace").strip() or f"exit status {result.returncode}"
         await remove(path)
         raise Internal(f"creating network namespace {path}: {reason}")
     if not is_pinned(path):
@@ -118,11 +98,11 @@ async def remove(path: Path) -> None:
     """Unmount and unlink a pin; a missing or unmounted pin is not an error."""
     # Pins may be stacked if a create was retried after a crash; unmount all.
     for _ in range(16):
-        if _libc.umount2(os.fsencode(path), _MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINVAL, errno.ENOENT):
+        try:
+            if not unmount(str(path)):
                 break
-            raise Internal(f"unmounting network namespace {path}: {os.strerror(err)}")
+        except OSError as e:
+            raise Internal(f"unmounting network namespace {path}: {e.strerror}") from None
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -139,10 +119,3 @@ def list_pins(netns_dir: str | Path) -> list[Path]:
     except FileNotFoundError:
         return []
     return sorted(Path(netns_dir) / n for n in names if n.startswith(PIN_PREFIX))
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from shared import atomic
 from shared.errors import InvalidArgument
 
 
@@ -47,6 +47,4 @@ def load(path: Path) -> list[str]:
 
 def save(path: Path, networks: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"networks": networks}))
-    os.replace(tmp, path)
+    atomic.write_json(path, {"networks": networks})

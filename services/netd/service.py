@@ -18,6 +18,7 @@ from services.netd.cni_config import InvalidNetworkConfig, NetworkList, parse_ne
 from services.netd.cni_network import AddFailed, CniRunner, RuntimeConf
 from services.netd.cni_watch import ConfigWatcher
 from services.netd.records import ATTACHED, ATTACHING, DETACHING, PodRecord, RecordStore
+from shared.bus.api import NETD
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import CriopyError, FailedPrecondition, Internal, NotFound
@@ -32,14 +33,12 @@ T = TypeVar("T")
 
 
 class Netd(Service):
-    name = "netd"
+    api = NETD
     # Creating and pinning namespaces (SYS_ADMIN: unshare, mount; plugins setns
     # into the pod namespace), configuring links, addresses, routes and
     # iptables through the CNI plugins (NET_ADMIN, NET_RAW for iptables'
     # raw socket use).
     capabilities = frozenset({"CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_RAW"})
-    # Port-forward connections stream their bytes on a socket of their own (port_forward.py).
-    serves_streams = True
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -94,7 +93,7 @@ class Netd(Service):
 
     # -- bus API ------------------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def attach(self, pod_id: str, pod_name: str, pod_namespace: str, pod_uid: str,
                      port_mappings: list[dict[str, Any]] | None = None,
                      bandwidth: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,13 +113,13 @@ class Netd(Service):
                            pod_namespace=pod_namespace, pod_uid=pod_uid)
         return await self._shielded(pod_id, lambda: self._attach(record))
 
-    @method(idempotent=True)
+    @method
     async def detach(self, pod_id: str) -> dict[str, Any]:
         """CNI DEL with the cached configuration and result, then remove the namespace; idempotent."""
         netns.pin_path(self._netns_dir, pod_id)  # validates the id
         return await self._shielded(pod_id, lambda: self._detach(pod_id))
 
-    @method(idempotent=True)
+    @method
     async def pod_network(self, pod_id: str) -> dict[str, Any] | None:
         """{"netns_path", "ips", "interfaces", "network"} of an attached pod, None if none."""
         record = self._pods.get(pod_id)
@@ -128,11 +127,11 @@ class Netd(Service):
             return None
         return self._describe(record)
 
-    @method(idempotent=True)
+    @method
     async def list_pod_networks(self) -> list[dict[str, Any]]:
         return [{"pod_id": r.pod_id, "state": r.state, **self._describe(r)} for r in self._pods.values()]
 
-    @method(idempotent=True)
+    @method
     async def check_pod_network(self, pod_id: str) -> dict[str, Any]:
         """CNI CHECK of an attached pod (spec 0.4.0 and later)."""
         record = self._pods.get(pod_id)
@@ -321,7 +320,7 @@ class Netd(Service):
 
     # -- network counters and the pod CIDR (net_stats.py, pod_cidr.py) ------------
 
-    @method(idempotent=True)
+    @method
     async def pod_network_stats(self, pod_ids: list[str] | None = None) -> dict[str, Any]:
         """Interface counters of attached pods' namespaces: {pod_id: usage} (see net_stats.pod_usage)."""
         wanted = None if pod_ids is None else set(pod_ids)
@@ -340,7 +339,7 @@ class Netd(Service):
             cached = self._pod_cidr_networks = pod_cidr.load(self._pod_cidr_file())
         return cached
 
-    @method(idempotent=True)
+    @method
     async def update_pod_cidr(self, cidr: str) -> dict[str, Any]:
         """Set the node's pod CIDR; pods attached from now on get it as the CNI `ipRanges` capability."""
         networks = pod_cidr.parse(cidr)
@@ -352,7 +351,7 @@ class Netd(Service):
 
     # -- port forwarding (port_forward.py) ------------------------------------
 
-    @method(idempotent=False)
+    @method
     async def pf_open(self, pod_id: str, port: int, host_network: bool = False) -> dict[str, Any]:
         """Connect to `port` on the pod's loopback from inside its namespace; {"token"} of its stream."""
         netns_path = None

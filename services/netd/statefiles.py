@@ -1,33 +1,23 @@
-"""Small JSON state files written atomically (write, fsync, rename, fsync dir)."""
+"""netd's small JSON state files: written atomically and durably (shared/atomic.py), read as None when absent."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from shared import atomic
+
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic.write_json(path, data)
 
 
 def read_json(path: Path) -> Any:
     """The decoded file, or None if it does not exist. Raises ValueError if corrupt."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return atomic.read_json(path)
     except FileNotFoundError:
         return None
 

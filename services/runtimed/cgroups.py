@@ -12,6 +12,7 @@ import time
 
 import structlog
 
+from shared import mountinfo
 from shared.errors import InvalidArgument
 
 log = structlog.get_logger(__name__)
@@ -29,22 +30,17 @@ def v1_mounts() -> dict[str, str]:
     """Mount point of each v1 controller, from /proc/self/mountinfo."""
     mounts: dict[str, str] = {}
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                pre, _, post = line.partition(" - ")
-                fields = pre.split()
-                post_fields = post.split()
-                if len(post_fields) >= 1 and post_fields[0] == "cgroup2":
-                    # Hybrid mode: runc makes container cgroups in the unified tree as well.
-                    mounts.setdefault("unified", fields[4])
-                    continue
-                if len(post_fields) < 3 or post_fields[0] != "cgroup":
-                    continue
-                for opt in post_fields[2].split(","):
-                    if opt in V1_CONTROLLERS or opt.startswith("name="):
-                        mounts.setdefault(opt, fields[4])
+        table = mountinfo.current()
     except OSError:
-        pass
+        return mounts
+    for mount in table:
+        if mount.fstype == "cgroup2":
+            # Hybrid mode: runc makes container cgroups in the unified tree as well.
+            mounts.setdefault("unified", mount.mount_point)
+        elif mount.fstype == "cgroup":
+            for opt in mount.super_options.split(","):
+                if opt in V1_CONTROLLERS or opt.startswith("name="):
+                    mounts.setdefault(opt, mount.mount_point)
     return mounts
 
 

@@ -25,8 +25,10 @@ from typing import Any
 
 import structlog
 
-from services.runtimed import process
+from services.runtimed import exits
+from services.runtimed.context import Context
 from services.runtimed.runc import Runc
+from shared import programs
 from shared.errors import FailedPrecondition, Internal, InvalidArgument
 
 log = structlog.get_logger(__name__)
@@ -34,6 +36,18 @@ log = structlog.get_logger(__name__)
 DEFAULT_TIMEOUT = 300.0
 _OVERLAY_WHITEOUT_DEV = 0  # a whiteout is a 0:0 character device
 _criu_verdict: tuple[bool, str] | None = None
+
+
+async def checkpoint_container(ctx: Context, container_id: str, location: str, upper_dir: str | None,
+                               timeout: float) -> dict[str, Any]:
+    """Checkpoint a running container into the archive `location`, under its lock."""
+    rec = ctx.records.container(container_id, visible=True)
+    async with ctx.records.lock(rec["id"]):
+        await exits.refresh(ctx, rec)
+        return await checkpoint(
+            ctx.runc(rec), rec, location=location, upper_dir=upper_dir,
+            work_root=os.path.join(ctx.run_dir, "checkpoints"),
+            timeout=float(timeout) if timeout and timeout > 0 else DEFAULT_TIMEOUT)
 
 
 def criu_path() -> str | None:
@@ -48,7 +62,7 @@ async def criu_usable() -> tuple[bool, str]:
     path = criu_path()
     if path is None:
         return False, "CRIU is not installed (the criu binary is not in PATH); install the criu package"
-    result = await process.run([path, "check"], timeout=30)
+    result = await programs.run([path, "check"], timeout=30)
     if result.returncode != 0:
         lines = [ln for ln in (result.stderr + result.stdout).decode(errors="replace").splitlines() if ln.strip()]
         reason = "; ".join(lines[-3:]) or f"exit status {result.returncode}"
@@ -88,7 +102,7 @@ async def checkpoint(runc: Runc, rec: dict[str, Any], *, location: str, upper_di
         args = [runc.path, *runc.global_args(), "checkpoint", "--image-path", images, "--work-path", work,
                 "--leave-running", "--file-locks", "--tcp-established", rec["id"]]
         started = time.monotonic()
-        result = await process.run(args, timeout=timeout)
+        result = await programs.run(args, timeout=timeout)
         if result.returncode != 0:
             raise Internal(f"runc checkpoint of {rec['id']} failed: {_failure(result, work)}")
         log.info("container_checkpointed", container_id=rec["id"], seconds=round(time.monotonic() - started, 3))
@@ -98,7 +112,7 @@ async def checkpoint(runc: Runc, rec: dict[str, Any], *, location: str, upper_di
     return {"location": location, "size": os.path.getsize(location)}
 
 
-def _failure(result: process.Completed, work: str) -> str:
+def _failure(result: programs.Completed, work: str) -> str:
     text = result.stderr.decode(errors="replace").strip().splitlines()
     message = text[-1] if text else f"exit status {result.returncode}"
     try:

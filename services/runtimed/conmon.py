@@ -17,17 +17,22 @@ import asyncio
 import errno
 import json
 import os
+import signal
+import time
 from dataclasses import dataclass, field
 
 import structlog
 
+from services.runtimed import process
 from services.runtimed.runc import Runc
-from shared import tracing
+from shared import programs, tracing
 from shared.errors import DeadlineExceeded, Internal
 
 log = structlog.get_logger(__name__)
 
 CREATE_TIMEOUT = 120.0
+# How long a conmon may take to end after its container was deleted.
+GONE_TIMEOUT = 10.0
 _CTL_REOPEN_LOG = 2
 _CTL_RESIZE = 1
 
@@ -124,6 +129,8 @@ async def _start(spec: ConmonSpec, cgroup_procs: list[str] | None, timeout: floa
         "_OCI_SYNCPIPE": str(sync_w),
         "_OCI_STARTPIPE": str(start_r),
     }
+    # The sync pipe is read by the event loop: a read that times out leaves no thread behind.
+    sync = await _pipe_reader(sync_r)
     log_file = open(os.path.join(spec.bundle, "conmon.log"), "ab")
     try:
         try:
@@ -131,6 +138,8 @@ async def _start(spec: ConmonSpec, cgroup_procs: list[str] | None, timeout: floa
                 *spec.args(), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 env=env, cwd=spec.bundle, pass_fds=(sync_w, start_r), start_new_session=True)
         except OSError as e:
+            sync.transport.close()
+            os.close(start_w)
             raise Internal(f"cannot start conmon: {e.strerror}") from None
     finally:
         log_file.close()
@@ -145,18 +154,18 @@ async def _start(spec: ConmonSpec, cgroup_procs: list[str] | None, timeout: floa
         try:
             await asyncio.wait_for(proc.wait(), timeout)
         except asyncio.TimeoutError:
-            _kill(proc.pid)
+            await programs.kill_and_reap(proc)
             raise DeadlineExceeded(f"conmon did not start within {timeout:g}s") from None
         if proc.returncode != 0:
             detail = _tail(os.path.join(spec.bundle, "conmon.log"))
             raise Internal(f"conmon exited with status {proc.returncode}: {detail}")
-        message = await asyncio.wait_for(asyncio.to_thread(_read_sync, sync_r), timeout)
+        message = await asyncio.wait_for(_read_sync(sync.reader), timeout)
     except asyncio.TimeoutError:
         raise DeadlineExceeded(f"container {spec.container_id} was not created within {timeout:g}s") from None
     finally:
         if start_w >= 0:
             os.close(start_w)
-        os.close(sync_r)
+        sync.transport.close()
     pid = message.get("data", message.get("pid", -1))
     if not isinstance(pid, int) or pid <= 0:
         text = str(message.get("message") or "no reason given")
@@ -167,12 +176,31 @@ async def _start(spec: ConmonSpec, cgroup_procs: list[str] | None, timeout: floa
     return Started(container_pid=pid, conmon_pid=conmon_pid)
 
 
-def _read_sync(fd: int) -> dict:
-    """Read the first JSON object conmon writes on the sync pipe (blocking; run in a thread)."""
+@dataclass
+class _PipeReader:
+    reader: asyncio.StreamReader
+    transport: asyncio.ReadTransport  # closing it closes the pipe
+
+
+async def _pipe_reader(fd: int) -> _PipeReader:
+    """The read end of a pipe as a stream of the event loop; it owns `fd` from now on."""
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    reader = asyncio.StreamReader()
+    try:
+        transport, _protocol = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except BaseException:
+        pipe.close()
+        raise
+    return _PipeReader(reader, transport)
+
+
+async def _read_sync(reader: asyncio.StreamReader) -> dict:
+    """Read the first JSON object conmon writes on the sync pipe."""
     buf = b""
     decoder = json.JSONDecoder()
     while True:
-        chunk = os.read(fd, 4096)
+        chunk = await reader.read(4096)
         if not chunk:
             break
         buf += chunk
@@ -198,13 +226,6 @@ def _join_cgroup(procs_file: str, pid: int) -> None:
         log.warning("conmon_cgroup_join_failed", path=procs_file, error=e.strerror)
 
 
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
-
-
 def _tail(path: str, size: int = 2000) -> str:
     try:
         with open(path, "rb") as f:
@@ -213,6 +234,25 @@ def _tail(path: str, size: int = 2000) -> str:
             return f.read().decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+async def wait_gone(pid: int | None, start: int | None, timeout: float = GONE_TIMEOUT) -> None:
+    """Wait for a conmon to end (it does once runc deleted its container); SIGKILL it after `timeout`.
+
+    `start`: its start time, so that a reused pid is not mistaken for it.
+    """
+    if not pid:
+        return
+    deadline = time.monotonic() + timeout
+    while process.pid_alive(pid) and (start is None or process.process_start_time(pid) == start):
+        if time.monotonic() > deadline:
+            log.warning("conmon_killed", pid=pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        await asyncio.sleep(0.02)
 
 
 def read_pidfile(path: str) -> int | None:

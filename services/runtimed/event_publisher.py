@@ -2,8 +2,8 @@
 
 Each event carries what the frontend needs for a CRI ContainerEventResponse:
 the CRI event type, the container (or pod) id, when it happened, and the pod's
-status with the statuses of its containers as they were at that moment (the
-same dicts runtimed's sandbox_status/container_status return).
+status with the statuses of its containers as they were at that moment (built
+by status.py, as the sandbox_status/container_status calls build them).
 
 Events raised while runtimed starts (exits that happened while it was down,
 creations it finished on reattach), and until the frontend's subscriber has
@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import zmq
+
+from services.runtimed import status
+from services.runtimed.records import CONTAINER_STATES, SANDBOX_STATES
+from shared.bus.sockets import Monitor
 
 if TYPE_CHECKING:
     from services.runtimed.service import Runtimed
@@ -40,8 +44,6 @@ CRI_TYPES = {
     ("sandbox", "stopped"): "CONTAINER_STOPPED_EVENT",
     ("sandbox", "removed"): "CONTAINER_DELETED_EVENT",
 }
-_CONTAINER_STATES = {"created": "CONTAINER_CREATED", "running": "CONTAINER_RUNNING", "exited": "CONTAINER_EXITED"}
-_SANDBOX_STATES = ("ready", "notready")
 
 
 class EventPublisher:
@@ -62,17 +64,17 @@ class EventPublisher:
         self._release = asyncio.get_running_loop().create_task(self._release_held(monitor),
                                                                name="runtimed-events-release")
 
-    def _monitor(self) -> Any:
-        socket = getattr(self.service.publisher, "_socket", None)
-        if socket is None:
+    def _monitor(self) -> Monitor | None:
+        publisher = self.service.publisher
+        if publisher is None:
             return None
         try:
-            return socket.get_monitor_socket(zmq.EVENT_ACCEPTED)
+            return publisher.watch_subscribers()
         except zmq.ZMQError as e:
             log.warning("event_monitor_unavailable", error=str(e))
             return None
 
-    async def _release_held(self, monitor: Any) -> None:
+    async def _release_held(self, monitor: Monitor | None) -> None:
         """Send the events held during start once runtimed is ready and a subscriber is back."""
         try:
             waited = 0.0
@@ -83,18 +85,14 @@ class EventPublisher:
                 # Also with nothing held yet: an exit seen right after start must not go out
                 # before the frontend is listening again.
                 try:
-                    await asyncio.wait_for(monitor.recv_multipart(), SUBSCRIBER_WAIT)
+                    await asyncio.wait_for(monitor.next(), SUBSCRIBER_WAIT)
                     await asyncio.sleep(SUBSCRIPTION_SETTLE)
                 except asyncio.TimeoutError:
                     log.info("events_released_without_subscriber", held=len(self._held or []))
         finally:
             held, self._held = self._held or [], None
             if monitor is not None:
-                try:
-                    self.service.publisher._socket.disable_monitor()  # type: ignore[union-attr]
-                except (AttributeError, zmq.ZMQError):
-                    pass
-                monitor.close(linger=0)
+                monitor.close()
             for topic, event in held:
                 self._send(topic, event)
             if held:
@@ -135,48 +133,37 @@ class EventPublisher:
             if key in record:
                 event[key] = record[key]
         if kind == "container":
-            status = self.container_status(record["id"])
-            if status is not None:
-                event["container_status"] = status
+            container = self.container_status(record["id"])
+            if container is not None:
+                event["container_status"] = container
         event["pod_sandbox_status"] = self.sandbox_status(sandbox_id)
         event["containers_statuses"] = self.pod_container_statuses(sandbox_id)
         return event
 
     def container_status(self, container_id: str) -> dict[str, Any] | None:
+        """The container's status now; once it is gone, the last one it had."""
         rec = self.service.containers.get(container_id)
-        if rec is None or rec.get("state") not in _CONTAINER_STATES:
+        if rec is None or rec.get("state") not in CONTAINER_STATES:
             return self._last_container.get(container_id)
-        entry = self.service._container_entry(rec)
-        entry.pop("pod_sandbox_id", None)
-        entry.update(
-            started_at=rec.get("started_at", 0) or 0, finished_at=rec.get("finished_at", 0) or 0,
-            exit_code=rec.get("exit_code", 0) or 0, reason=rec.get("reason", ""), message=rec.get("message", ""),
-            mounts=rec.get("mounts") or [], log_path=rec.get("log_path", ""),
-            resources={"linux": rec.get("resources") or {}})
-        if rec.get("uid") is not None:
-            entry["user"] = {"linux": {"uid": rec["uid"]}}
+        entry = status.container_status(rec)
         self._last_container[container_id] = entry
         return entry
 
     def sandbox_status(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The pod's status now; once it is gone, the last one it had, not ready."""
         rec = self.service.sandboxes.get(sandbox_id)
-        if rec is None or rec.get("state") not in _SANDBOX_STATES:
+        if rec is None or rec.get("state") not in SANDBOX_STATES:
             last = self._last_sandbox.get(sandbox_id)
             return {**last, "state": "SANDBOX_NOTREADY"} if last else None
-        status = self.service._sandbox_entry(rec)
-        ips = rec.get("ips") or []
-        status["network"] = {"ip": ips[0] if ips else "", "additional_ips": [{"ip": ip} for ip in ips[1:]]}
-        status["linux"] = {"namespaces": {"options": {
-            "network": rec.get("network_mode", "POD"), "pid": rec.get("pid_mode", "POD"),
-            "ipc": rec.get("ipc_mode", "POD")}}}
-        self._last_sandbox[sandbox_id] = status
-        return status
+        entry = status.sandbox_status(rec)
+        self._last_sandbox[sandbox_id] = entry
+        return entry
 
     def pod_container_statuses(self, sandbox_id: str) -> list[dict[str, Any]]:
         out = []
         for rec in list(self.service.containers.values()):
-            if rec.get("sandbox_id") == sandbox_id and rec.get("state") in _CONTAINER_STATES:
-                status = self.container_status(rec["id"])
-                if status is not None:
-                    out.append(status)
+            if rec.get("sandbox_id") == sandbox_id and rec.get("state") in CONTAINER_STATES:
+                entry = self.container_status(rec["id"])
+                if entry is not None:
+                    out.append(entry)
         return out

@@ -8,9 +8,9 @@ import sys
 
 import structlog
 
-from services.runtimed import process
-from services.runtimed.mounts import unmount
+from shared import programs
 from shared.errors import Internal, InvalidArgument
+from shared.mounts import unmount
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +54,7 @@ async def pin(*, ipc_path: str | None, uts_path: str | None, hostname: str,
             with open(path, "a"):
                 pass
     request = {"ipc": ipc_path, "uts": uts_path, "hostname": hostname, "sysctls": sysctls, "netns": netns}
-    result = await process.run([sys.executable, "-I", _CHILD, json.dumps(request)], timeout=timeout)
+    result = await programs.run([sys.executable, "-I", _CHILD, json.dumps(request)], timeout=timeout)
     if result.returncode != 0:
         text = result.stderr.decode(errors="replace").strip()
         if text.startswith("sysctl"):

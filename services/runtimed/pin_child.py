@@ -4,8 +4,8 @@ Usage: python pin_child.py '<json>' with keys: ipc (file or null), uts (file or
 null), hostname, sysctls ({key: value}), netns (path or null, for net.* sysctls).
 This process unshares the namespaces, sets the hostname and the pod's sysctls
 in them, and bind mounts /proc/self/ns/<kind> onto the given files; the
-namespaces then outlive it. It imports nothing of crio-py so that it runs the
-same from any working directory.
+namespaces then outlive it. Of crio-py it imports only shared/mounts.py
+(standard library only), to start quickly.
 """
 
 import ctypes
@@ -14,10 +14,11 @@ import json
 import os
 import sys
 
+from shared.mounts import MS_BIND, mount
+
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
-MS_BIND = 0x1000
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -58,8 +59,11 @@ def main():
     for kind in ("ipc", "uts"):
         target = req.get(kind)
         if target:
-            check(libc.mount(f"/proc/self/ns/{kind}".encode(), target.encode(), None, MS_BIND, None),
-                  f"bind mount of the {kind} namespace")
+            try:
+                mount(f"/proc/self/ns/{kind}", target, None, MS_BIND)
+            except OSError as e:
+                sys.stderr.write(f"bind mount of the {kind} namespace: {e.strerror}\n")
+                sys.exit(1)
     net = {k: v for k, v in sysctls.items() if k.startswith("net.")}
     if net and req.get("netns"):
         fd = os.open(req["netns"], os.O_RDONLY)

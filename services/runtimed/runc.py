@@ -8,8 +8,7 @@ from typing import Any
 
 import structlog
 
-from services.runtimed import process
-from shared import tracing
+from shared import programs, tracing
 from shared.errors import Internal, NotFound
 
 log = structlog.get_logger(__name__)
@@ -41,10 +40,10 @@ class Runc:
         return args
 
     async def _run(self, sub: list[str], *, timeout: float = DEFAULT_TIMEOUT,
-                   input: bytes | None = None) -> process.Completed:
+                   input: bytes | None = None) -> programs.Completed:
         with tracing.tracer(__name__).start_as_current_span(
                 f"runc {sub[0]}", attributes={"criopy.runc.args": " ".join(sub[1:])[:200]}):
-            result = await process.run(self._base() + sub, timeout=timeout, input=input)
+            result = await programs.run(self._base() + sub, timeout=timeout, input=input)
         if result.returncode != 0:
             message = _error_text(result.stderr) or f"exit status {result.returncode}"
             if "does not exist" in message or "not exist" in message:
@@ -105,7 +104,7 @@ class Runc:
 
 async def version(path: str, *, timeout: float = 10.0) -> tuple[str, str]:
     """The program's name and version from its first line (`runc version 1.1.5+ds1`: "runc", "1.1.5+ds1")."""
-    result = await process.run([path, "--version"], timeout=timeout)
+    result = await programs.run([path, "--version"], timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError_(f"{path} --version: {_error_text(result.stderr) or f'exit status {result.returncode}'}")
     lines = result.stdout.decode(errors="replace").splitlines()

@@ -1,27 +1,28 @@
-"""The OCI runtime spec of a container, built from plain dicts.
+"""The OCI runtime spec of a container, and of a pod's infra process, built from plain dicts.
 
 Inputs are the CRI `ContainerConfig` as `MessageToDict(..., preserving_proto_field_name=True)`
-gives it (int64 values may arrive as strings, enums as their names, defaults
-left out), the image config from imaged and facts about the pod sandbox.
+gives it (see spec_values.py), the image config from imaged and facts about the
+pod sandbox. The parts with rules of their own are built by spec_resources.py,
+spec_mounts.py and spec_security.py.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.runtimed import cgroups, seccomp, users
-from services.runtimed.mounts import mount_of
+from services.runtimed import cgroups, users
 from services.runtimed.paths import clean_absolute, resolve_in_root
-from shared import privileges
+from services.runtimed.spec_mounts import check_recursive_read_only, devices, host_devices, user_mounts
+from services.runtimed.spec_resources import linux_resources
+from services.runtimed.spec_security import (apparmor_enabled, apparmor_profile, capabilities, runtime_capabilities,
+                                             seccomp_profile, unique_paths)
+from services.runtimed.spec_values import i64, ns_mode, wrapped_int
 from shared.config import RuntimeConfig
 from shared.errors import InvalidArgument
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MIN_MEMORY_LIMIT = 12 * 1024 * 1024
 
 # Masked and read-only paths of the pod's infra process; a container's come from the CRI.
 DEFAULT_MASKED_PATHS = [
@@ -32,50 +33,6 @@ DEFAULT_MASKED_PATHS = [
 DEFAULT_READONLY_PATHS = [
     "/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
 ]
-
-_PROPAGATION = {
-    None: "rprivate", "PROPAGATION_PRIVATE": "rprivate", 0: "rprivate",
-    "PROPAGATION_HOST_TO_CONTAINER": "rslave", 1: "rslave",
-    "PROPAGATION_BIDIRECTIONAL": "rshared", 2: "rshared",
-}
-_NS_MODES = {None: "POD", 0: "POD", 1: "CONTAINER", 2: "NODE", 3: "TARGET",
-             "POD": "POD", "CONTAINER": "CONTAINER", "NODE": "NODE", "TARGET": "TARGET"}
-
-
-# ---------------------------------------------------------------------------
-# small parsers for MessageToDict values
-
-
-def i64(value: Any, what: str, default: int | None = None) -> int | None:
-    """An int64 field: MessageToDict writes them as strings."""
-    if value is None or value == "":
-        return default
-    if isinstance(value, bool):
-        raise InvalidArgument(f"{what} must be an integer")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-        return int(value)
-    raise InvalidArgument(f"{what} must be an integer, not {value!r:.40}")
-
-
-def wrapped_int(value: Any, what: str) -> int | None:
-    """An Int64Value wrapper: {"value": "1000"}; absent means unset."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return i64(value.get("value", 0), what, 0)
-    return i64(value, what)
-
-
-def ns_mode(options: dict[str, Any] | None, kind: str) -> str:
-    value = (options or {}).get(kind)
-    if value not in _NS_MODES:
-        raise InvalidArgument(f"unknown namespace mode for {kind}: {value!r}")
-    return _NS_MODES[value]
-
-
-# ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -108,258 +65,13 @@ class Built:
     mounts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def runtime_capabilities() -> frozenset[str]:
-    """Capabilities this process can hand on to a container."""
-    return privileges.bounding_capabilities() & privileges.effective_capabilities()
-
-
-def _cap_name(name: str) -> str:
-    name = str(name).upper()
-    return name if name.startswith("CAP_") else "CAP_" + name
-
-
-def capabilities(sc: dict[str, Any], default: list[str], available: frozenset[str],
-                 privileged: bool) -> tuple[list[str], list[str]]:
-    """(bounding/effective/permitted, ambient) capability names."""
-    if privileged:
-        return sorted(available), []
-    caps_cfg = sc.get("capabilities") or {}
-    add = [_cap_name(c) for c in caps_cfg.get("add_capabilities") or []]
-    drop = [_cap_name(c) for c in caps_cfg.get("drop_capabilities") or []]
-    ambient = [_cap_name(c) for c in caps_cfg.get("add_ambient_capabilities") or []]
-    for name in add + drop + ambient:
-        if name != "CAP_ALL" and name not in privileges.CAPABILITY_NUMBERS:
-            raise InvalidArgument(f"unknown capability {name}")
-    caps = {_cap_name(c) for c in default}
-    if "CAP_ALL" in drop:
-        caps = set()
-    else:
-        caps -= set(drop)
-    if "CAP_ALL" in add:
-        caps |= set(privileges.CAPABILITY_NAMES)
-    else:
-        caps |= set(add) | set(ambient)
-    caps &= available
-    return sorted(caps), sorted(set(ambient) & caps)
-
-
-def _cpuset(value: str, what: str) -> str:
-    if value and not re.fullmatch(r"\s*\d+(-\d+)?(\s*,\s*\d+(-\d+)?)*\s*", value):
-        raise InvalidArgument(f"{what} is not a cpu/node list: {value!r}")
-    return value.replace(" ", "")
-
-
-def _own_oom_score_adj() -> int:
-    try:
-        with open("/proc/self/oom_score_adj") as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return 0
-
-
-def swap_accounting() -> bool:
-    if cgroups.is_v2():
-        return True
-    directory = cgroups.controller_dir("/", "memory")
-    return bool(directory) and os.path.exists(os.path.join(directory, "memory.memsw.limit_in_bytes"))
-
-
-def linux_resources(res: dict[str, Any] | None, *, pids_limit: int = 0, available: frozenset[str] | None = None,
-                    hugetlb: bool = True) -> tuple[dict[str, Any], int | None]:
-    """The spec's linux.resources from CRI LinuxContainerResources, and the oom_score_adj.
-
-    `hugetlb`: whether runc can set hugepage limits here; the kubelet sends them
-    for every page size the node has, and where the controller is not usable
-    they are checked, then left out, rather than failing every container.
-    """
-    res = res or {}
-    out: dict[str, Any] = {}
-    cpu: dict[str, Any] = {}
-    shares = i64(res.get("cpu_shares"), "cpu_shares", 0)
-    quota = i64(res.get("cpu_quota"), "cpu_quota", 0)
-    period = i64(res.get("cpu_period"), "cpu_period", 0)
-    if shares < 0 or period < 0:
-        raise InvalidArgument("cpu_shares and cpu_period may not be negative")
-    if quota < -1:
-        raise InvalidArgument(f"cpu_quota may not be below -1: {quota}")
-    if shares:
-        cpu["shares"] = max(2, min(shares, 262144))
-    if quota:
-        cpu["quota"] = quota
-    if period:
-        if not 1000 <= period <= 1_000_000:
-            raise InvalidArgument(f"cpu_period must be between 1000 and 1000000 microseconds: {period}")
-        cpu["period"] = period
-    if res.get("cpuset_cpus"):
-        cpu["cpus"] = _cpuset(res["cpuset_cpus"], "cpuset_cpus")
-    if res.get("cpuset_mems"):
-        cpu["mems"] = _cpuset(res["cpuset_mems"], "cpuset_mems")
-    if cpu:
-        out["cpu"] = cpu
-    memory: dict[str, Any] = {}
-    limit = i64(res.get("memory_limit_in_bytes"), "memory_limit_in_bytes", 0)
-    swap = i64(res.get("memory_swap_limit_in_bytes"), "memory_swap_limit_in_bytes", 0)
-    if limit < 0 or swap < -1:
-        raise InvalidArgument("memory limits may not be negative")
-    if limit:
-        if limit < MIN_MEMORY_LIMIT:
-            raise InvalidArgument(f"memory limit {limit} is below the minimum of {MIN_MEMORY_LIMIT} bytes (12MiB)")
-        memory["limit"] = limit
-        if swap_accounting():
-            if swap and swap != -1 and swap < limit:
-                raise InvalidArgument(f"memory_swap_limit_in_bytes ({swap}) is below memory_limit_in_bytes ({limit})")
-            memory["swap"] = swap or limit
-    elif swap:
-        raise InvalidArgument("memory_swap_limit_in_bytes needs memory_limit_in_bytes")
-    if memory:
-        out["memory"] = memory
-    if pids_limit > 0:
-        out["pids"] = {"limit": pids_limit}
-    hugepages = []
-    for i, hp in enumerate(res.get("hugepage_limits") or []):
-        size = hp.get("page_size", "")
-        if not re.fullmatch(r"\d+[KMG]B", size or ""):
-            raise InvalidArgument(f"hugepage_limits[{i}].page_size is not like 2MB: {size!r}")
-        hugepages.append({"pageSize": size, "limit": i64(hp.get("limit"), "hugepage limit", 0)})
-    if hugepages and hugetlb:
-        out["hugepageLimits"] = hugepages
-    unified = res.get("unified") or {}
-    if unified:
-        for key, value in unified.items():
-            if "/" in key or "." not in key or not isinstance(value, str):
-                raise InvalidArgument(f"invalid unified cgroup key {key!r}")
-        if cgroups.is_v2():
-            out["unified"] = dict(unified)
-    oom = i64(res.get("oom_score_adj"), "oom_score_adj", None)
-    if oom is not None:
-        if not -1000 <= oom <= 1000:
-            raise InvalidArgument(f"oom_score_adj must be between -1000 and 1000: {oom}")
-        caps = available if available is not None else runtime_capabilities()
-        if "CAP_SYS_RESOURCE" not in caps:
-            # Without CAP_SYS_RESOURCE the kernel refuses to lower it below our own.
-            oom = max(oom, _own_oom_score_adj())
-    return out, oom
-
-
-def _check_recursive_read_only(i: int, m: dict[str, Any], rro: bool, rro_reason: str) -> None:
-    """The CRI's rules for a recursive read-only mount: read-only, private, and a runtime that can."""
-    if not m.get("recursive_read_only"):
-        return
-    what = f"mounts[{i}] ({m.get('host_path', '')})"
-    if not m.get("readonly"):
-        raise InvalidArgument(f"{what}: recursive_read_only needs readonly")
-    if _PROPAGATION.get(m.get("propagation"), "") != "rprivate":
-        raise InvalidArgument(f"{what}: recursive_read_only needs propagation PROPAGATION_PRIVATE, "
-                              f"not {m.get('propagation')}")
-    if not rro:
-        raise InvalidArgument(f"{what}: recursive read-only mounts are not supported by the runtime handler: "
-                              f"{rro_reason}")
-
-
 def check_request(config: dict[str, Any], *, rro: bool = False, rro_reason: str = "") -> None:
     """What can be refused from the container's config alone, before anything is reserved or made."""
     sc = (config.get("linux") or {}).get("security_context") or {}
     users.check_run_as_group(sc)
     users.supplemental_groups_policy(sc.get("supplemental_groups_policy"))
     for i, m in enumerate(config.get("mounts") or []):
-        _check_recursive_read_only(i, m, rro, rro_reason)
-
-
-def _user_mounts(config: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None, list[dict[str, Any]]]:
-    """Bind mounts from CRI mounts; the rootfs propagation they need; their status records.
-
-    The recursive read-only rules were applied by check_request.
-    """
-    out: list[dict[str, Any]] = []
-    records: list[dict[str, Any]] = []
-    rootfs_propagation: str | None = None
-    for i, m in enumerate(config.get("mounts") or []):
-        dest = clean_absolute(m.get("container_path", ""), f"mounts[{i}].container_path")
-        host = m.get("host_path", "")
-        if not host or not host.startswith("/"):
-            raise InvalidArgument(f"mounts[{i}].host_path must be an absolute path: {host!r}")
-        if not os.path.exists(host):
-            raise InvalidArgument(f"mounts[{i}]: host path {host} does not exist")
-        source = os.path.realpath(host)
-        propagation = _PROPAGATION.get(m.get("propagation"))
-        if propagation is None:
-            raise InvalidArgument(f"mounts[{i}]: unknown propagation {m.get('propagation')!r}")
-        if propagation != "rprivate":
-            info = mount_of(source)
-            if propagation == "rshared" and not (info and info.shared):
-                raise InvalidArgument(f"mounts[{i}]: {host} is not on a shared mount, needed for bidirectional propagation")
-            if propagation == "rslave" and not (info and (info.shared or info.slave)):
-                raise InvalidArgument(f"mounts[{i}]: {host} is not on a shared or slave mount, needed for host-to-container propagation")
-            if propagation == "rshared" or rootfs_propagation is None:
-                rootfs_propagation = "rshared" if propagation == "rshared" else "rslave"
-        readonly = bool(m.get("readonly"))
-        recursive = bool(m.get("recursive_read_only"))
-        # As CRI-O: runc's `rro` makes the whole tree read-only, submounts included; `ro` only the top.
-        options = ["rbind", propagation] + (["rro"] if recursive else ["ro"] if readonly else [])
-        out.append({"destination": dest, "type": "bind", "source": source, "options": options})
-        records.append({"container_path": dest, "host_path": host, "readonly": readonly,
-                        "recursive_read_only": recursive,
-                        "propagation": m.get("propagation") or "PROPAGATION_PRIVATE"})
-    return out, rootfs_propagation, records
-
-
-def _device_entries(host: str, container: str, permissions: str) -> list[tuple[dict, dict]]:
-    st = os.stat(host)
-    if stat.S_ISDIR(st.st_mode):
-        entries = []
-        for root, _dirs, files in os.walk(host):
-            for name in files:
-                path = os.path.join(root, name)
-                rel = os.path.relpath(path, host)
-                try:
-                    entries += _device_entries(path, os.path.join(container, rel), permissions)
-                except InvalidArgument:
-                    continue
-        return entries
-    if stat.S_ISCHR(st.st_mode):
-        kind = "c"
-    elif stat.S_ISBLK(st.st_mode):
-        kind = "b"
-    else:
-        raise InvalidArgument(f"{host} is not a device")
-    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-    node = {"path": container, "type": kind, "major": major, "minor": minor,
-            "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
-    rule = {"allow": True, "type": kind, "major": major, "minor": minor, "access": permissions}
-    return [(node, rule)]
-
-
-def devices(config: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    nodes, rules = [], []
-    for i, d in enumerate(config.get("devices") or []):
-        host = d.get("host_path", "")
-        container = clean_absolute(d.get("container_path") or host, f"devices[{i}].container_path")
-        permissions = d.get("permissions") or "rwm"
-        if not re.fullmatch(r"[rwm]{1,3}", permissions):
-            raise InvalidArgument(f"devices[{i}].permissions must be made of r, w and m: {permissions!r}")
-        if not host.startswith("/") or not os.path.exists(host):
-            raise InvalidArgument(f"devices[{i}]: host device {host!r} does not exist")
-        for node, rule in _device_entries(host, container, permissions):
-            nodes.append(node)
-            rules.append(rule)
-    return nodes, rules
-
-
-def host_devices() -> list[dict]:
-    """Every device node of the host, for privileged containers."""
-    nodes = []
-    for root, dirs, files in os.walk("/dev"):
-        dirs[:] = [d for d in dirs if d not in ("pts", "shm", "mqueue")]
-        for name in files:
-            path = os.path.join(root, name)
-            try:
-                for node, _rule in _device_entries(path, path, "rwm"):
-                    if path in ("/dev/console", "/dev/ptmx", "/dev/tty") or path.startswith("/dev/tty"):
-                        continue
-                    nodes.append(node)
-            except (OSError, InvalidArgument):
-                continue
-    return nodes
+        check_recursive_read_only(i, m, rro, rro_reason)
 
 
 def _env_merge(*sources: list[str]) -> list[str]:
@@ -391,47 +103,6 @@ def process_args(config: dict[str, Any], image: dict[str, Any]) -> list[str]:
     if not result:
         raise InvalidArgument("no command specified: the container config and the image give none")
     return result
-
-
-def apparmor_enabled() -> bool:
-    try:
-        with open("/sys/module/apparmor/parameters/enabled") as f:
-            return f.read().strip() == "Y"
-    except OSError:
-        return False
-
-
-def seccomp_profile(sc: dict[str, Any], caps: set[str], rc: RuntimeConfig) -> tuple[dict | None, str]:
-    """The seccomp section for the bounding set `caps`, and where it came from.
-
-    As CRI-O: no profile at all runs unconfined; RuntimeDefault is crio.conf's
-    seccomp_profile or the built-in profile. Without the `seccomp` field, the
-    deprecated seccomp_profile_path is read the way CRI-O read it before it was
-    dropped: "", "unconfined", "runtime/default", "docker/default", "localhost/<path>".
-    """
-    prof = sc.get("seccomp")
-    if prof is not None:
-        kind = prof.get("profile_type", "RuntimeDefault")
-        kind = {0: "RuntimeDefault", 1: "Unconfined", 2: "Localhost"}.get(kind, kind)
-        if kind == "Unconfined":
-            return None, "unconfined"
-        if kind == "Localhost":
-            ref = prof.get("localhost_ref", "")
-            return seccomp.load_profile(ref, caps), "localhost/" + ref
-        if kind != "RuntimeDefault":
-            raise InvalidArgument(f"unknown seccomp profile type {kind!r}")
-    else:
-        path = sc.get("seccomp_profile_path", "")
-        if path in ("", "unconfined"):
-            return None, "unconfined"
-        if path.startswith("localhost/"):
-            ref = path[len("localhost/"):]
-            return seccomp.load_profile(ref, caps), path
-        if path not in ("runtime/default", "docker/default"):
-            raise InvalidArgument(f"unknown seccomp profile path {path!r}")
-    if rc.seccomp_profile:
-        return seccomp.load_profile(rc.seccomp_profile, caps), "runtime/default"
-    return seccomp.default_profile(caps), "runtime/default"
 
 
 def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], rootfs: str,
@@ -560,9 +231,9 @@ def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], r
                          ("/etc/hostname", sandbox.hostname_path)):
         if source:
             mounts.append({"destination": dest, "type": "bind", "source": source, "options": list(pod_file_opts)})
-    user_mounts, rootfs_propagation, mount_records = _user_mounts(config)
-    user_dests = {m["destination"] for m in user_mounts}
-    mounts = [m for m in mounts if m["destination"] not in user_dests] + user_mounts
+    requested, rootfs_propagation, mount_records = user_mounts(config)
+    user_dests = {m["destination"] for m in requested}
+    mounts = [m for m in mounts if m["destination"] not in user_dests] + requested
 
     dev_nodes, dev_rules = devices(config)
     if privileged:
@@ -590,13 +261,13 @@ def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], r
     if not privileged:
         # As CRI-O: the lists as the CRI gives them, no defaults of ours. The kubelet sends its
         # defaults for procMount Default and nothing for Unmasked (proto3 cannot tell empty from absent).
-        linux["maskedPaths"] = _unique_paths(sc.get("masked_paths") or [])
-        linux["readonlyPaths"] = _unique_paths(sc.get("readonly_paths") or [])
+        linux["maskedPaths"] = unique_paths(sc.get("masked_paths") or [])
+        linux["readonlyPaths"] = unique_paths(sc.get("readonly_paths") or [])
         profile, _label = seccomp_profile(sc, set(caps), rc)
         if profile is not None:
             linux["seccomp"] = profile
         if apparmor_enabled():
-            proc["apparmorProfile"] = _apparmor(sc, rc)
+            proc["apparmorProfile"] = apparmor_profile(sc, rc)
 
     annotations = {str(k): str(v) for k, v in (config.get("annotations") or {}).items()}
     annotations.update({
@@ -614,32 +285,6 @@ def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], r
     }
     return Built(spec=spec, user=user, stop_signal=image.get("stop_signal") or None,
                  privileged=privileged, resources=resources, mounts=mount_records)
-
-
-def _unique_paths(paths: list[str]) -> list[str]:
-    out = []
-    for p in paths:
-        p = clean_absolute(p, "masked or read-only path")
-        if p not in out:
-            out.append(p)
-    return out
-
-
-def _apparmor(sc: dict[str, Any], rc: RuntimeConfig) -> str:
-    prof = sc.get("apparmor")
-    if prof:
-        kind = prof.get("profile_type", "RuntimeDefault")
-        if kind == "Unconfined":
-            return "unconfined"
-        if kind == "Localhost":
-            return prof.get("localhost_ref", "")
-        return rc.apparmor_profile
-    name = sc.get("apparmor_profile", "")
-    if name == "unconfined":
-        return "unconfined"
-    if name.startswith("localhost/"):
-        return name[len("localhost/"):]
-    return rc.apparmor_profile
 
 
 def infra_spec(*, sandbox_id: str, rootfs: str, command: str, sandbox: SandboxFacts,

@@ -1,7 +1,8 @@
-"""runtimed's records: one JSON file per pod sandbox and per container, written atomically.
+"""runtimed's records on disk: one JSON file per pod sandbox and per container, written atomically.
 
 A record is written to a temporary file, flushed to disk and renamed over the
-old one, so a SIGKILL at any moment leaves either the old or the new record.
+old one, and the rename itself is flushed (shared/atomic.py), so a SIGKILL or
+a power loss at any moment leaves either the old or the new record.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
 from typing import Any
 
 import structlog
+
+from shared import atomic
+from shared.keyed_locks import KeyedLocks
 
 log = structlog.get_logger(__name__)
 
@@ -20,32 +23,20 @@ log = structlog.get_logger(__name__)
 class Store:
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         for kind in ("sandboxes", "containers"):
             os.makedirs(os.path.join(directory, kind), exist_ok=True)
 
     def _path(self, kind: str, object_id: str) -> str:
         return os.path.join(self.directory, kind, object_id + ".json")
 
-    def _write(self, kind: str, object_id: str, data: bytes) -> None:
-        path = self._path(kind, object_id)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
     async def save(self, kind: str, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True).encode()
         # Saves of one record land in the order they were asked for.
-        lock = self._locks.setdefault((kind, record["id"]), asyncio.Lock())
-        async with lock:
-            await asyncio.to_thread(self._write, kind, record["id"], data)
+        async with self._locks.hold(f"{kind}/{record['id']}"):
+            await asyncio.to_thread(atomic.write_bytes, self._path(kind, record["id"]), data)
 
     async def delete(self, kind: str, object_id: str) -> None:
-        self._locks.pop((kind, object_id), None)
-
         def remove() -> None:
             try:
                 os.unlink(self._path(kind, object_id))
@@ -58,7 +49,7 @@ class Store:
         directory = os.path.join(self.directory, kind)
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
-            if name.endswith(".tmp"):
+            if name.endswith(".tmp"):  # a write cut off by a crash
                 os.unlink(path)
                 continue
             if not name.endswith(".json"):

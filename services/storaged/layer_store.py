@@ -39,10 +39,11 @@ from pathlib import Path
 
 import structlog
 
-from services.storaged import atomic, decompress, quarantine
+from services.storaged import decompress, quarantine
 from services.storaged.digests import hex_of, is_digest
 from services.storaged.tar_extract import extract_tar
 from services.storaged.usage import measure
+from shared import atomic
 from shared.errors import InvalidArgument, NotFound, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
@@ -191,7 +192,7 @@ class LayerStore:
                 continue
         record = LayerRecord(**{**asdict(record), "link": link})
         try:
-            atomic.write_json(str(work / RECORD), asdict(record))
+            atomic.write_json(str(work / RECORD), asdict(record), mode=0o600)
             _syncfs(str(work))
             os.rename(work, self.layer_dir(record.chain_id))
             atomic.fsync_dir(self.layers_dir)
@@ -286,6 +287,18 @@ class LayerStore:
             if len(out) > 10_000:
                 raise InvalidArgument(f"layer {top_layer}: its parent chain loops")
         return out
+
+    @staticmethod
+    def unreachable(records: dict[str, LayerRecord], tops: list[str], spared: set[str]) -> list[LayerRecord]:
+        """The layers that are neither `spared` nor in the stack of any of `tops`."""
+        keep = set(spared)
+        for top in tops:
+            current: str | None = top
+            while current is not None and current not in keep:
+                keep.add(current)
+                record = records.get(current)
+                current = record.parent if record else None
+        return [r for cid, r in records.items() if cid not in keep]
 
 
 def _open_blob(path: str, blob_root: str):

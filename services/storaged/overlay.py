@@ -12,21 +12,16 @@ umount2(2) in a thread.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import errno
-import os
 import resource
 
 import structlog
 
+from shared import mounts, programs
 from shared.errors import DeadlineExceeded, Internal, ResourceExhausted
 
 log = structlog.get_logger(__name__)
 
 MOUNT = "/usr/bin/mount"
-_MNT_DETACH = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 # The kernel copies at most one page of mount data, including the final NUL.
 MAX_OPTIONS_BYTES = resource.getpagesize() - 1
@@ -43,35 +38,24 @@ async def mount(cwd: str, target: str, data: str, *, timeout: float = 30.0) -> N
         raise ResourceExhausted(
             f"overlay mount options for {target} are {len(data.encode())} bytes, more than the "
             f"kernel's limit of {MAX_OPTIONS_BYTES}: the image has too many layers")
-    proc = await asyncio.create_subprocess_exec(
-        MOUNT, "--no-mtab", "--internal-only", "-t", "overlay", "-o", data, "overlay", target,
-        cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
-        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
+        result = await programs.run(
+            [MOUNT, "--no-mtab", "--internal-only", "-t", "overlay", "-o", data, "overlay", target],
+            timeout=timeout, cwd=cwd)
+    except DeadlineExceeded:
         raise DeadlineExceeded(f"mounting the overlay on {target} took more than {timeout:g}s") from None
-    except asyncio.CancelledError:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        message = stderr.decode(errors="replace").strip()
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()
         raise Internal(f"mounting the overlay on {target} failed: {message}")
     log.debug("overlay_mounted", target=target, options_bytes=len(data))
 
 
 def unmount_blocking(target: str) -> bool:
     """Detach the mount at `target`; False when nothing was mounted there."""
-    if _libc.umount2(os.fsencode(target), _MNT_DETACH) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):
-        return False
-    raise Internal(f"unmounting {target} failed: {os.strerror(err)}")
+    try:
+        return mounts.unmount(target)
+    except OSError as e:
+        raise Internal(f"unmounting {target} failed: {e.strerror}") from None
 
 
 async def unmount(target: str) -> bool:

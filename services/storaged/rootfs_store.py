@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, replace
 
 import structlog
 
-from services.storaged import atomic, quarantine
+from services.storaged import quarantine
+from shared import atomic
 from shared.errors import InvalidArgument, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
@@ -112,7 +113,7 @@ class RootfsStore:
             os.chmod(os.path.join(work, "upper"), mode)
             os.chmod(os.path.join(work, "merged"), 0o755)
             record = RootfsRecord(container_id, top_layer, CREATED, time.time())
-            atomic.write_json(os.path.join(work, RECORD), asdict(record))
+            atomic.write_json(os.path.join(work, RECORD), asdict(record), mode=0o600)
             os.rename(work, self.dir(container_id))
             atomic.fsync_dir(self.rootfs_dir)
         except BaseException as e:
@@ -125,7 +126,7 @@ class RootfsStore:
     def mark_removing(self, record: RootfsRecord) -> RootfsRecord:
         record = replace(record, state=REMOVING)
         if os.path.isdir(self.dir(record.container_id)):
-            atomic.write_json(os.path.join(self.dir(record.container_id), RECORD), asdict(record))
+            atomic.write_json(os.path.join(self.dir(record.container_id), RECORD), asdict(record), mode=0o600)
         return record
 
     def delete(self, container_id: str) -> None:

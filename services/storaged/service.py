@@ -3,49 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from services.storaged import mountinfo, overlay
-from services.storaged.digests import chain_ids, check_digest
+from services.storaged import overlay
+from services.storaged.digests import check_digest
 from services.storaged.layer_store import LayerRecord, LayerStore
+from services.storaged.layer_unpacks import LayerUnpacks
 from services.storaged.rootfs_store import CREATED, RootfsRecord, RootfsStore, check_container_id
-from services.storaged.usage import measure
-from shared import tracing
+from services.storaged.usage import measure, measure_all
+from shared import mountinfo, tracing
+from shared.bus.api import STORAGED
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import AlreadyExists, CriopyError, InvalidArgument, NotFound
+from shared.keyed_locks import KeyedLocks
 
 log = structlog.get_logger(__name__)
 
-# Layers extracted at once: decompression, hashing and file writes release
-# the GIL, so threads overlap well; more would only compete for the disk.
-_PARALLEL_UNPACKS = max(1, min(4, os.cpu_count() or 1))
-# A lease on unpacked layers lasts at most this long, whatever its holder asked:
-# a holder that died (a frontend restarted mid-pull) cannot keep layers forever.
-MAX_LEASE_SECONDS = 3600.0
-DEFAULT_LEASE_SECONDS = 600.0
-
-
-@dataclass
-class _Made:
-    """A layer unpack started by an `unpack` call, while calls that want the layer run."""
-
-    task: asyncio.Task[None]
-    askers: set[int] = field(default_factory=set)
-    # A call that wanted the layer succeeded: it is in use, whatever the others do.
-    kept: bool = False
-
 
 class Storaged(Service):
-    name = "storaged"
-    # It reads blobs and writes layers: no network at all.
-    network = False
+    api = STORAGED
     # Mounting overlays and recreating the files of layers with their owners,
     # modes, setuid bits, file capabilities and (when allowed) device nodes.
     capabilities = frozenset({
@@ -59,24 +40,12 @@ class Storaged(Service):
         self._root = os.path.realpath(config.state_dir("storaged"))
         self._layers = LayerStore(self._root)
         self._rootfs = RootfsStore(self._root, self._layers.tmp_dir, self._layers.trash_dir)
-        self._blob_root = str(config.state_dir("imaged"))
-        self._records: dict[str, LayerRecord] = {}
         self._containers: dict[str, RootfsRecord] = {}
-        # Serialises changes to which layers and root file systems exist.
-        self._lock = asyncio.Lock()
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        # Chain ids an unpack call is working on: garbage collection spares them.
-        self._pins: dict[str, int] = {}
-        # Chain ids a caller keeps past its unpack call, until it releases them or the lease
-        # runs out (PullImage: until imaged lists the image): {lease: (chain ids, monotonic end)}.
-        self._leases: dict[str, tuple[frozenset[str], float]] = {}
-        # Layers being deleted, by chain id: unpacking one again waits until its directory is gone.
-        self._removing: dict[str, asyncio.Future[Any]] = {}
-        self._slots = asyncio.Semaphore(_PARALLEL_UNPACKS)
-        # Layers made for unpack calls still running: when every call that wanted one
-        # failed, it is removed again, so a failed unpack leaves the store as it was.
-        self._made: dict[str, _Made] = {}
-        self._calls = itertools.count(1)
+        self._unpacks = LayerUnpacks(self._layers, config, in_use=lambda: [
+            r.top_layer for r in self._containers.values() if r.top_layer], mounted=self._layers_under_mounts)
+        # One container's root file system changes at a time; different containers' in parallel,
+        # so that a big removal (an rmtree of its writable layer) holds up no other creation.
+        self._rootfs_locks = KeyedLocks()
 
     # -- life cycle -------------------------------------------------------
 
@@ -88,7 +57,7 @@ class Storaged(Service):
         # Stray mounts go first: deleting leftovers must never reach into a mount.
         await self._unmount_strays()
         in_use = await asyncio.to_thread(self._layers_under_mounts)
-        self._records = await asyncio.to_thread(self._layers.load, in_use)
+        self._unpacks.records = await asyncio.to_thread(self._layers.load, in_use)
         await asyncio.to_thread(self._drop_held)
         for container_id in lost:
             await asyncio.to_thread(self._rootfs.delete, container_id)
@@ -102,8 +71,11 @@ class Storaged(Service):
 
     async def stop(self) -> None:
         # Mounts stay: containers keep running while storaged restarts.
-        for task in list(self._inflight.values()):
-            task.cancel()
+        self._unpacks.cancel()
+
+    @property
+    def _records(self) -> dict[str, LayerRecord]:
+        return self._unpacks.records
 
     async def _rewrite_mounted(self, broken: list[str]) -> list[str]:
         """Give mounted root file systems whose record was damaged a new one; the ids of the others."""
@@ -154,9 +126,9 @@ class Storaged(Service):
                 # Left unmounted: create_rootfs mounts it again, remove_rootfs cleans up.
                 log.error("rootfs_remount_failed", container_id=record.container_id, error=e.message)
 
-    # -- layers -------------------------------------------------------------
+    # -- layers (layer_unpacks.py) ---------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def unpack(self, layers: list[dict], lease: str | None = None,
                      lease_seconds: float | None = None) -> dict[str, Any]:
         """Unpack layer blobs (bottom first) into the store; returns their chain ids and uncompressed sizes.
@@ -168,140 +140,20 @@ class Storaged(Service):
         """
         if not isinstance(layers, list):
             raise InvalidArgument("layers must be a list")
-        specs = [_layer_spec(i, layer) for i, layer in enumerate(layers)]
-        chain = chain_ids([s["diff_id"] for s in specs])
-        if lease is not None:
-            self._lease(lease, chain, lease_seconds)
-        call = next(self._calls)
-        for cid in chain:
-            self._pins[cid] = self._pins.get(cid, 0) + 1
-        finished = False
-        try:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for i, spec in enumerate(specs):
-                        parent = chain[i - 1] if i else None
-                        group.create_task(self._ensure_layer(chain[i], parent, spec, call))
-            except BaseExceptionGroup as group_error:
-                raise _first_error(group_error) from None
-            finished = True
-        finally:
-            for cid in chain:
-                self._pins[cid] -= 1
-                if not self._pins[cid]:
-                    del self._pins[cid]
-            if finished:
-                self._release(call, succeeded=True)
-            else:
-                if lease is not None:
-                    self._leases.pop(lease, None)  # a failed unpack keeps nothing
-                # Also when the caller gave up: the undo runs to its end, and the
-                # error is answered only once the store is back as it was.
-                await asyncio.shield(asyncio.ensure_future(self._undo_unpack(call)))
-        sizes = [self._records[cid].tar_size for cid in chain]
-        return {"chain_ids": chain, "top_layer": chain[-1] if chain else None,
-                "layer_sizes": sizes, "unpacked_size": sum(sizes)}
+        return await self._unpacks.unpack(layers, lease, lease_seconds)
 
-    def _lease(self, lease: str, chain: list[str], seconds: float | None) -> None:
-        if not isinstance(lease, str) or not lease or len(lease) > 256:
-            raise InvalidArgument("lease must be a non-empty string of at most 256 characters")
-        if seconds is None:
-            seconds = DEFAULT_LEASE_SECONDS
-        if not isinstance(seconds, (int, float)) or seconds <= 0:
-            raise InvalidArgument(f"lease_seconds must be a positive number, not {seconds!r:.50}")
-        held, _ = self._leases.get(lease, (frozenset(), 0.0))
-        self._leases[lease] = (held | frozenset(chain), time.monotonic() + min(seconds, MAX_LEASE_SECONDS))
-
-    @method(idempotent=True)
+    @method
     async def release_layers(self, lease: str) -> dict[str, Any]:
         """End a lease taken by `unpack`: its layers are collectable again. An unknown lease is not an error."""
-        return {"released": self._leases.pop(lease, None) is not None}
+        return {"released": self._unpacks.release(lease)}
 
-    def _leased(self) -> set[str]:
-        now = time.monotonic()
-        for lease, (_, until) in list(self._leases.items()):
-            if until <= now:
-                log.warning("layer_lease_expired", lease=lease)
-                del self._leases[lease]
-        return {cid for chain, _ in self._leases.values() for cid in chain}
-
-    async def _ensure_layer(self, chain_id: str, parent: str | None, spec: dict, call: int) -> None:
-        """Unpack one layer unless it is there; concurrent requests share the work."""
-        if chain_id in self._made:
-            self._made[chain_id].askers.add(call)
-        while chain_id not in self._records:
-            removing = self._removing.get(chain_id)
-            if removing is not None:
-                # Collected meanwhile: its directory must be gone before it is unpacked again.
-                await asyncio.wait({removing})
-                continue
-            task = self._inflight.get(chain_id)
-            mine = task is None
-            if task is None:
-                task = asyncio.create_task(self._unpack_one(chain_id, parent, spec))
-                self._inflight[chain_id] = task
-                task.add_done_callback(lambda t: self._forget_inflight(chain_id, t))
-            made = self._made.get(chain_id)
-            if made is None or made.task is not task:
-                made = self._made[chain_id] = _Made(task)
-            made.askers.add(call)
-            try:
-                await asyncio.shield(task)
-            except CriopyError:
-                if mine:
-                    raise
-                # Another request's blob failed; try with this request's own blob.
-
-    def _forget_inflight(self, chain_id: str, task: asyncio.Task[None]) -> None:
-        if self._inflight.get(chain_id) is task:
-            del self._inflight[chain_id]
-
-    async def _undo_unpack(self, call: int) -> None:
-        """After a failed unpack call: remove the layers made for it that no call wanting them got."""
-        # Unpacks still running finish first (a thread cannot be stopped); those that
-        # have not started yet see that nobody wants them any more and do not start.
-        running = [m.task for m in self._made.values() if call in m.askers and not m.task.done()]
-        if running:
-            await asyncio.wait(running)
-        unwanted = self._release(call, succeeded=False)
-        removed = await self._collect([], only=unwanted) if unwanted else []
-        if removed:
-            log.info("unpack_undone", removed=[r.chain_id for r in removed])
-
-    def _release(self, call: int, *, succeeded: bool) -> set[str]:
-        """End `call`'s interest in the layers made for it; returns those every asker failed."""
-        unwanted = set()
-        for cid, made in list(self._made.items()):
-            if call not in made.askers:
-                continue
-            made.askers.discard(call)
-            made.kept = made.kept or succeeded
-            if not made.askers:
-                del self._made[cid]
-                if not made.kept:
-                    unwanted.add(cid)
-        return unwanted
-
-    async def _unpack_one(self, chain_id: str, parent: str | None, spec: dict) -> None:
-        attributes = {"layer.chain_id": chain_id, "layer.diff_id": spec["diff_id"],
-                      "layer.media_type": spec["media_type"]}
-        async with self._slots:
-            if not self._pins.get(chain_id):
-                return  # every call that wanted the layer failed while this one waited for a slot
-            with tracing.tracer(__name__).start_as_current_span("unpack layer", attributes=attributes):
-                record = await asyncio.to_thread(
-                    self._layers.unpack, chain_id=chain_id, parent=parent, diff_id=spec["diff_id"],
-                    blob_path=spec["path"], media_type=spec["media_type"], blob_root=self._blob_root,
-                    allow_device_nodes=self.config.crio.image.allow_device_nodes)
-        self._records[chain_id] = record
-
-    @method(idempotent=True)
+    @method
     async def layer_status(self, chain_id: str) -> dict[str, Any] | None:
         """A layer's record, or None when it is not in the store."""
         record = self._records.get(check_digest(chain_id, "chain_id"))
         return record.to_wire() if record else None
 
-    @method(idempotent=True)
+    @method
     async def unpacked_sizes(self, top_layers: list[str]) -> dict[str, int]:
         """{top layer: bytes of its stack's uncompressed layers} for the stacks that are all in the store.
 
@@ -318,11 +170,11 @@ class Storaged(Service):
                 continue
         return sizes
 
-    @method(idempotent=True)
+    @method
     async def list_layers(self) -> list[dict[str, Any]]:
         return [r.to_wire() for r in self._records.values()]
 
-    @method(idempotent=True)
+    @method
     async def gc_layers(self, keep_top_layers: list[str], only: list[str] | None = None) -> dict[str, Any]:
         """Remove every layer (of `only`, when given) neither in a kept stack nor under a root file system."""
         if not isinstance(keep_top_layers, list):
@@ -331,85 +183,54 @@ class Storaged(Service):
             raise InvalidArgument("only must be a list")
         tops = [check_digest(t, "keep_top_layers entry") for t in keep_top_layers]
         candidates = None if only is None else {check_digest(c, "only entry") for c in only}
-        victims = await self._collect(tops, only=candidates)
+        victims = await self._unpacks.collect(tops, only=candidates)
         return {"removed": [r.chain_id for r in victims],
                 "freed_bytes": sum(r.used_bytes for r in victims)}
 
-    async def _collect(self, tops: list[str], *, only: set[str] | None) -> list[LayerRecord]:
-        async with self._lock:
-            tops += [r.top_layer for r in self._containers.values() if r.top_layer]
-            keep = set(self._pins) | set(self._inflight) | self._leased()
-            # What a mount uses stays, also when a damaged record broke its chain.
-            keep |= await asyncio.to_thread(self._layers_under_mounts)
-            for top in tops:
-                current: str | None = top
-                while current is not None and current not in keep:
-                    keep.add(current)
-                    record = self._records.get(current)
-                    current = record.parent if record else None
-            victims = [r for cid, r in self._records.items()
-                       if cid not in keep and (only is None or cid in only)]
-            if not victims:
-                return []
-            removal = asyncio.ensure_future(asyncio.to_thread(self._remove_layers, victims))
-            for record in victims:
-                del self._records[record.chain_id]
-                self._removing[record.chain_id] = removal
-            removal.add_done_callback(lambda _: self._forget_removal(victims, removal))
-            # The deletion runs to its end even if this call is given up.
-            await asyncio.shield(removal)
-        return victims
-
-    def _remove_layers(self, victims: list[LayerRecord]) -> None:
-        for record in victims:
-            self._layers.remove(record)
-            log.info("layer_removed", chain_id=record.chain_id)
-
-    def _forget_removal(self, victims: list[LayerRecord], removal: asyncio.Future[Any]) -> None:
-        for record in victims:
-            if self._removing.get(record.chain_id) is removal:
-                del self._removing[record.chain_id]
-
     # -- root file systems ----------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def create_rootfs(self, container_id: str, top_layer: str | None = None) -> dict[str, Any]:
         """Mount an overlay of the layers under `top_layer` (None: empty) for a container."""
         check_container_id(container_id)
         if top_layer is not None:
             check_digest(top_layer, "top_layer")
-        async with self._lock:
-            record = self._containers.get(container_id)
-            if record is not None and record.state != CREATED:
-                await self._remove(record)
-                record = None
-            if record is not None and record.top_layer != top_layer:
-                raise AlreadyExists(
-                    f"container {container_id} already has a root file system on layer "
-                    f"{record.top_layer}, not {top_layer}")
-            if record is None:
-                root_stat = await asyncio.to_thread(
-                    os.stat, self._lower_dirs(top_layer)[0] if top_layer else self._layers.empty_dir)
-                record = await asyncio.to_thread(
-                    self._rootfs.create, container_id, top_layer,
-                    mode=root_stat.st_mode & 0o7777, uid=root_stat.st_uid, gid=root_stat.st_gid)
-                self._containers[container_id] = record
-                try:
-                    await self._mount(record)
-                except BaseException:
-                    del self._containers[container_id]
-                    await asyncio.to_thread(self._rootfs.delete, container_id)
-                    raise
-                log.info("rootfs_created", container_id=container_id, top_layer=top_layer)
-            elif not await self._is_mounted(container_id):
+        with self._unpacks.pinned([top_layer] if top_layer else []):
+            async with self._rootfs_locks.hold(container_id):
+                return await self._create_rootfs(container_id, top_layer)
+
+    async def _create_rootfs(self, container_id: str, top_layer: str | None) -> dict[str, Any]:
+        record = self._containers.get(container_id)
+        if record is not None and record.state != CREATED:
+            await self._remove(record)
+            record = None
+        if record is not None and record.top_layer != top_layer:
+            raise AlreadyExists(
+                f"container {container_id} already has a root file system on layer "
+                f"{record.top_layer}, not {top_layer}")
+        if record is None:
+            root_stat = await asyncio.to_thread(
+                os.stat, self._lower_dirs(top_layer)[0] if top_layer else self._layers.empty_dir)
+            record = await asyncio.to_thread(
+                self._rootfs.create, container_id, top_layer,
+                mode=root_stat.st_mode & 0o7777, uid=root_stat.st_uid, gid=root_stat.st_gid)
+            self._containers[container_id] = record
+            try:
                 await self._mount(record)
+            except BaseException:
+                del self._containers[container_id]
+                await asyncio.to_thread(self._rootfs.delete, container_id)
+                raise
+            log.info("rootfs_created", container_id=container_id, top_layer=top_layer)
+        elif not await self._is_mounted(container_id):
+            await self._mount(record)
         return self._rootfs_wire(container_id)
 
-    @method(idempotent=True)
+    @method
     async def remove_rootfs(self, container_id: str) -> dict[str, Any]:
         """Unmount and delete a container's root file system; a missing one is not an error."""
         check_container_id(container_id)
-        async with self._lock:
+        async with self._rootfs_locks.hold(container_id):
             record = self._containers.get(container_id)
             if record is None:
                 return {"removed": False}
@@ -417,7 +238,7 @@ class Storaged(Service):
         log.info("rootfs_removed", container_id=container_id)
         return {"removed": True}
 
-    @method(idempotent=True)
+    @method
     async def rootfs_status(self, container_id: str) -> dict[str, Any] | None:
         """Where a container's root file system is and whether it is mounted; None if none."""
         check_container_id(container_id)
@@ -425,7 +246,7 @@ class Storaged(Service):
             return None
         return {**self._rootfs_wire(container_id), "mounted": await self._is_mounted(container_id)}
 
-    @method(idempotent=True)
+    @method
     async def list_rootfs(self) -> list[dict[str, Any]]:
         return [self._rootfs_wire(cid) for cid in self._containers]
 
@@ -472,19 +293,11 @@ class Storaged(Service):
 
     # -- usage ------------------------------------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def fs_info(self) -> dict[str, Any]:
         """Disk use of the layer store and of the containers' writable layers."""
         uppers = [self._rootfs.upper(cid) for cid in self._containers]
-
-        def containers_usage() -> tuple[int, int]:
-            used = inodes = 0
-            for upper in uppers:
-                u = measure(upper)
-                used, inodes = used + u.used_bytes, inodes + u.inodes
-            return used, inodes
-
-        c_used, c_inodes = await asyncio.to_thread(containers_usage)
+        containers = await asyncio.to_thread(measure_all, uppers)
         return {
             "mountpoint": self._layers.layers_dir,
             "used_bytes": sum(r.used_bytes for r in self._records.values()),
@@ -493,13 +306,13 @@ class Storaged(Service):
             "timestamp_ns": time.time_ns(),
             "containers": {
                 "mountpoint": self._rootfs.rootfs_dir,
-                "used_bytes": c_used,
-                "inodes_used": c_inodes,
+                "used_bytes": containers.used_bytes,
+                "inodes_used": containers.inodes,
                 "count": len(uppers),
             },
         }
 
-    @method(idempotent=True)
+    @method
     async def rootfs_usage(self, container_id: str) -> dict[str, Any]:
         """Disk use of a container's writable layer."""
         check_container_id(container_id)
@@ -511,7 +324,7 @@ class Storaged(Service):
 
     # -- usage of many containers at once (ListContainerStats) ------------------------
 
-    @method(idempotent=True)
+    @method
     async def rootfs_usages(self, container_ids: list[str]) -> dict[str, Any]:
         """{container id: {"used_bytes", "inodes_used", "timestamp_ns", "mountpoint"}} for those with a rootfs."""
         known = [cid for cid in dict.fromkeys(container_ids) if cid in self._containers]
@@ -528,31 +341,3 @@ class Storaged(Service):
 
         return await asyncio.to_thread(measure_all)
 
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report for a failed group of layer unpacks: a typed one if any."""
-    leaves: list[BaseException] = []
-
-    def flatten(g: BaseExceptionGroup) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                flatten(e)
-            else:
-                leaves.append(e)
-
-    flatten(group)
-    return next((e for e in leaves if isinstance(e, CriopyError)), leaves[0])
-
-
-def _layer_spec(index: int, layer: Any) -> dict[str, str]:
-    """Check one entry of `unpack`'s layers (as imaged's pull returns them)."""
-    if not isinstance(layer, dict):
-        raise InvalidArgument(f"layers[{index}] must be a map")
-    diff_id = check_digest(layer.get("diff_id"), f"layers[{index}].diff_id")
-    path = layer.get("path")
-    if not isinstance(path, str) or not os.path.isabs(path):
-        raise InvalidArgument(f"layers[{index}].path must be an absolute path, not {path!r:.200}")
-    media_type = layer.get("media_type") or ""
-    if not isinstance(media_type, str):
-        raise InvalidArgument(f"layers[{index}].media_type must be a string")
-    return {"diff_id": diff_id, "path": path, "media_type": media_type}

@@ -28,11 +28,12 @@ import zmq
 import zmq.asyncio
 from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
-from zmq.utils.monitor import parse_monitor_message
 
 from shared import metrics, tracing
+from shared.bus import sockets
 from shared.bus.envelope import MalformedMessage, Request, decode_reply
-from shared.bus.service import MethodSpec
+from shared.bus.api import API, MethodInfo
+from shared.config import Config
 from shared.errors import CriopyError, DeadlineExceeded, Unavailable
 
 log = structlog.get_logger(__name__)
@@ -51,7 +52,7 @@ class _NoAnswer(Unavailable):
 
 
 class BusClient:
-    def __init__(self, service: str, endpoint: str, methods: Mapping[str, MethodSpec], *,
+    def __init__(self, service: str, endpoint: str, methods: Mapping[str, MethodInfo], *,
                  context: zmq.asyncio.Context | None = None) -> None:
         self.service = service
         self.endpoint = endpoint
@@ -63,16 +64,21 @@ class BusClient:
         self._connected = asyncio.Event()
         self._retry_wait = wait_exponential(multiplier=0.05, max=1.0)
 
+    @classmethod
+    def for_service(cls, config: Config, service: str, context: zmq.asyncio.Context | None = None) -> "BusClient":
+        """A client of one of crio-py's services, at its configured endpoint, knowing its methods from the table."""
+        try:
+            api = API[service]
+        except KeyError:
+            raise ValueError(f"unknown service {service!r} (services: {', '.join(API)})") from None
+        return cls(service, config.bus_endpoint(service), api.methods, context=context)
+
     # -- connection -------------------------------------------------------
 
     def connect(self) -> None:
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        sock.connect(self.endpoint)
+        sock = sockets.dealer(self._context)
+        monitor = sockets.Monitor(sock, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sockets.connect(sock, self.endpoint)
         self._socket = sock
         self._tasks = [
             asyncio.create_task(self._receive_loop(sock), name=f"bus-client-{self.service}"),
@@ -85,7 +91,6 @@ class BusClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._socket is not None:
-            self._socket.disable_monitor()
             self._socket.close(linger=0)
             self._socket = None
         self._fail_pending(Unavailable(f"connection to {self.service} closed"))
@@ -106,10 +111,10 @@ class BusClient:
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
+    async def _monitor_loop(self, monitor: sockets.Monitor) -> None:
         try:
             while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
+                event = await monitor.next()
                 if event["event"] == zmq.EVENT_CONNECTED:
                     self._connected.set()
                     log.debug("bus_connected", daemon=self.service)
@@ -118,7 +123,7 @@ class BusClient:
                     log.info("bus_disconnected", daemon=self.service)
                     self._fail_pending(_ConnectionLost(f"{self.service} went away while serving the request"))
         finally:
-            monitor.close(linger=0)
+            monitor.close()
 
     def _fail_pending(self, error: CriopyError) -> None:
         for future in self._pending.values():
@@ -128,8 +133,8 @@ class BusClient:
     # -- calls ------------------------------------------------------------
 
     def is_idempotent(self, method: str) -> bool:
-        spec = self._methods.get(method)
-        return spec is not None and spec.idempotent
+        info = self._methods.get(method)
+        return info is not None and info.idempotent
 
     async def call(self, method: str, *, deadline: float, **params: Any) -> Any:
         """Call `method` on the daemon; retries as the method allows until `deadline` (unix time)."""

@@ -16,32 +16,36 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from shared.bus import ipc
+from shared.bus import sockets
 
 log = structlog.get_logger(__name__)
 
 EVENTS_VERSION = 1
 # Spans of a service with no network, for the frontend to send on to the collector.
 SPANS_TOPIC = "spans"
-# Messages queued per subscriber before ZeroMQ starts dropping for it.
-SEND_HIGH_WATER_MARK = 10_000
 
 
 class EventPublisher:
     def __init__(self, endpoint: str, context: zmq.asyncio.Context) -> None:
         self.endpoint = endpoint
-        self._socket = context.socket(zmq.PUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
+        self._context = context
+        self._socket: zmq.asyncio.Socket | None = None
 
     def bind(self) -> None:
-        ipc.prepare(self.endpoint)
-        self._socket.bind(self.endpoint)
-        ipc.restrict(self.endpoint)
+        self._socket = sockets.publisher(self._context, self.endpoint)
+
+    def watch_subscribers(self) -> sockets.Monitor:
+        """Subscribers connecting from now on: `await monitor.next()` returns when one has.
+
+        For a publisher that must not speak before its subscriber is back (a
+        PUB socket drops what it sends to nobody); the caller closes it.
+        """
+        assert self._socket is not None, "bind first"
+        return sockets.Monitor(self._socket, zmq.EVENT_ACCEPTED)
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Send one event; never blocks (a full queue drops it for that subscriber)."""
-        if self._socket.closed:
+        if self._socket is None or self._socket.closed:
             return
         payload = msgpack.packb({"v": EVENTS_VERSION, "topic": topic, "event": event}, use_bin_type=True)
         try:
@@ -50,18 +54,13 @@ class EventPublisher:
             log.warning("event_dropped", topic=topic)
 
     def close(self) -> None:
-        self._socket.close(linger=0)
+        if self._socket is not None:
+            self._socket.close(linger=0)
 
 
 class EventSubscriber:
     def __init__(self, endpoint: str, context: zmq.asyncio.Context, topics: tuple[str, ...] = ("",)) -> None:
-        self._socket = context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RECONNECT_IVL, 50)
-        self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        for topic in topics:
-            self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._socket.connect(endpoint)
+        self._socket = sockets.subscriber(context, endpoint, topics)
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         while True:

@@ -15,12 +15,11 @@ import time
 from typing import Any
 
 import structlog
-import zmq
 import zmq.asyncio
 from opentelemetry import trace
 
 from shared import tracing
-from shared.bus import ipc
+from shared.bus import sockets
 from shared.bus.envelope import MalformedMessage, Reply, decode_request, peek_request_id
 from shared.bus.service import Service
 from shared.errors import CriopyError, DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unimplemented
@@ -46,15 +45,7 @@ class BusServer:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
 
     async def start(self) -> None:
-        sock = self._context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # Far larger messages are cut off by ZeroMQ itself (it drops the peer);
-        # up to this size we can still read the id and answer with an error.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes * 4)
-        ipc.prepare(self.endpoint)
-        sock.bind(self.endpoint)
-        ipc.restrict(self.endpoint)
-        self._socket = sock
+        self._socket = sockets.router(self._context, self.endpoint, max_message_bytes=self.max_message_bytes)
         self._receiver = asyncio.create_task(self._receive_loop(), name=f"bus-server-{self.service.name}")
         log.info("bus_listening", endpoint=self.endpoint, methods=sorted(self._methods))
 

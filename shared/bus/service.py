@@ -1,21 +1,26 @@
-"""A daemon is one class; its public bus API is the methods marked `@method`.
+"""A daemon is one class; it implements its row of the API table (shared/bus/api.py) with `@method`.
 
     class Storaged(Service):
-        name = "storaged"
+        api = STORAGED
         capabilities = frozenset({"CAP_SYS_ADMIN", "CAP_CHOWN"})
 
-        @method(idempotent=True)
+        @method
         async def create_rootfs(self, container_id: str, image_id: str) -> dict: ...
+
+The table, not the class, says what a method is (idempotent or not, who may
+call it), so that callers read it without importing the daemon. A class that
+does not implement exactly its table is refused before it serves anything
+(`bus_methods` raises ApiMismatch).
 
 Parameters arrive as keyword arguments from the request's params map, and are
 checked against the signature before the method runs; the return value must be
 msgpack-serialisable. Raise errors from `shared.errors` to give the caller a
-typed error. Declaring `idempotent=True` lets the frontend retry the call
-while the daemon restarts.
+typed error.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import time
@@ -23,8 +28,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
 
 from shared import metrics, privileges
+from shared.bus.api import MethodInfo, ServiceApi
 from shared.config import Config
-from shared.errors import Unavailable
+from shared.errors import ApiMismatch, Unavailable
 from shared.version import VERSION
 
 if TYPE_CHECKING:
@@ -37,27 +43,31 @@ Handler = Callable[..., Awaitable[Any]]
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A bus method as the server runs it: its row of the table, and the code that implements it."""
+
     name: str
-    idempotent: bool
+    info: MethodInfo
     func: Handler
     signature: inspect.Signature
 
+    @property
+    def idempotent(self) -> bool:
+        return self.info.idempotent
 
-def method(*, idempotent: bool, name: str | None = None) -> Callable[[Handler], Handler]:
-    """Expose an async method of a Service on the bus."""
 
-    def mark(func: Handler) -> Handler:
-        if not inspect.iscoroutinefunction(func):
-            raise TypeError(f"bus method {func.__qualname__} must be async")
-        func.__bus_method__ = (name or func.__name__, idempotent)  # type: ignore[attr-defined]
-        return func
-
-    return mark
+def method(func: Handler) -> Handler:
+    """Expose an async method of a Service on the bus, under its own name."""
+    if not inspect.iscoroutinefunction(func):
+        raise TypeError(f"bus method {func.__qualname__} must be async")
+    func.__bus_method__ = func.__name__  # type: ignore[attr-defined]
+    return func
 
 
 class Service:
     """Base of the five services: its bus methods, capabilities and life cycle."""
 
+    # Its row of the API table; `name`, `network`, `publishes_events` and `serves_streams` come from it.
+    api: ClassVar[ServiceApi]
     name: ClassVar[str]
     # Linux capabilities (CAP_* names) the service keeps; every other one is
     # dropped at start. None means "all that this machine grants".
@@ -68,6 +78,13 @@ class Service:
     publishes_events: ClassVar[bool] = False
     # Whether the service serves byte streams (on config.stream_socket(name)).
     serves_streams: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        api = cls.__dict__.get("api")
+        if api is not None:
+            cls.name, cls.network = api.name, api.network
+            cls.publishes_events, cls.serves_streams = api.publishes_events, api.serves_streams
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -104,7 +121,7 @@ class Service:
 
     # -- the API every service answers ------------------------------------
 
-    @method(idempotent=True)
+    @method
     async def health(self) -> dict[str, Any]:
         return {
             "service": self.name,
@@ -121,7 +138,7 @@ class Service:
     def refresh_metrics(self) -> None:
         """Bring gauges up to date just before they are read (e.g. objects by state)."""
 
-    @method(idempotent=True)
+    @method
     async def metrics(self) -> str:
         """This process's Prometheus metrics, in the text exposition format."""
         self.refresh_metrics()
@@ -130,16 +147,26 @@ class Service:
     # -- introspection used by the bus server -----------------------------
 
     @classmethod
+    @functools.cache
     def bus_methods(cls) -> dict[str, MethodSpec]:
-        methods: dict[str, MethodSpec] = {}
+        """The methods the bus server dispatches to; ApiMismatch unless they are exactly the table's."""
+        implemented: dict[str, Handler] = {}
         for klass in reversed(cls.__mro__):
-            for attr, func in vars(klass).items():
-                marker = getattr(func, "__bus_method__", None)
-                if marker is None:
-                    continue
-                name, idempotent = marker
-                methods[name] = MethodSpec(name, idempotent, func, inspect.signature(func))
-        return methods
+            for func in vars(klass).values():
+                name = getattr(func, "__bus_method__", None)
+                if name is not None:
+                    implemented[name] = func
+        declared = cls.api.methods
+        missing = sorted(set(declared) - set(implemented))
+        undeclared = sorted(set(implemented) - set(declared))
+        if missing or undeclared:
+            raise ApiMismatch(
+                f"{cls.__qualname__} does not implement the bus API of {cls.api.name} (shared/bus/api.py): "
+                + "; ".join(part for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"not in the table: {', '.join(undeclared)}" if undeclared else "") if part))
+        return {name: MethodSpec(name, declared[name], func, inspect.signature(func))
+                for name, func in implemented.items()}
 
     @classmethod
     def declared_capabilities(cls) -> frozenset[str]:

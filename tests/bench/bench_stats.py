@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cri_api.v1 import api_pb2
 
-from services.runtimed import mounts
+from shared import mountinfo, mounts
 from tests.support import images
 from tests.support.registry import launch_registry
 from tests.support.stack import Dirs, Stack, remove_dirs, short_tempdir, start_stack
@@ -72,7 +72,7 @@ def _cleanup(stack: Stack, dirs: Dirs, parent: str) -> None:
                     continue
                 if cmd.startswith(b"/usr/bin/conmon") and str(dirs.base).encode() in cmd:
                     os.kill(int(entry), signal.SIGKILL)
-        for m in sorted(mounts.mount_table(), key=lambda m: len(m.mount_point), reverse=True):
+        for m in sorted(mountinfo.current(), key=lambda m: len(m.mount_point), reverse=True):
             if m.mount_point.startswith(str(dirs.base) + "/"):
                 mounts.unmount(m.mount_point)
         for top in Path("/sys/fs/cgroup").glob(f"*{parent}"):

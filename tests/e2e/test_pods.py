@@ -14,8 +14,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
-from services.runtimed import mounts
-from shared import privileges
+from shared import mountinfo, privileges
 from shared.config import DEFAULT_CAPABILITIES
 from tests.support.pods import bridge_stack, busybox_registry, conmon_pids, leftover_mounts, runc_ids
 from tests.support.registry import Registry
@@ -148,7 +147,7 @@ def test_missing_image_and_bad_input(pod_stack: Stack, busybox: str):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stack.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers == []
     rootfs_dir = stack.dirs.root / "storaged"
-    assert not any(m.mount_point.startswith(str(rootfs_dir)) for m in mounts.mount_table())
+    assert not any(m.mount_point.startswith(str(rootfs_dir)) for m in mountinfo.current())
     with pytest.raises(grpc.RpcError) as err:
         stack.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_config("h"), runtime_handler="nope"),
                                     timeout=30)

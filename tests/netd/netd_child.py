@@ -18,7 +18,7 @@ import sys
 import structlog
 
 from services.netd.service import Netd
-from shared import config as config_mod, privileges
+from shared import config_load, privileges
 from shared.errors import CriopyError
 
 
@@ -54,7 +54,7 @@ async def main(argv: list[str]) -> None:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     if "--restrict" in argv:
         privileges.restrict_to(Netd.declared_capabilities())
-    cfg = config_mod.load(config_mod.ConfigSources(config_file=argv[1], config_dir="/nonexistent"), environ={})
+    cfg = config_load.load(config_load.ConfigSources(config_file=argv[1], config_dir="/nonexistent"), environ={})
     netd = Netd(cfg)
     await netd.start()
     print(json.dumps({"ready": True, "capabilities": sorted(privileges.read_status_sets()["CapEff"])}), flush=True)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from cri_api.v1 import api_pb2
 
-from services.netd.service import Netd
 from shared.bus.client import BusClient
 from tests.netd.netd_env import NetEnv
 from tests.netd.netd_helpers import connect, listener
@@ -46,7 +45,7 @@ class NetdProcess:
                  "--config-dir", str(self.net_env.root / "no-dropins"), "--log-format", "json",
                  "service", "netd"],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        self.client = BusClient("netd", self.net_env.config.bus_endpoint("netd"), Netd.bus_methods())
+        self.client = BusClient.for_service(self.net_env.config, "netd")
         self.client.connect()
 
     async def call(self, method: str, timeout: float = 30.0, **params):

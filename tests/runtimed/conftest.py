@@ -13,7 +13,8 @@ from typing import Any, AsyncIterator, Callable
 
 import pytest
 
-from services.runtimed import cgroups, mounts
+from services.runtimed import cgroups
+from shared import mountinfo, mounts
 from services.runtimed.service import Runtimed
 from shared.config import Config
 
@@ -55,7 +56,7 @@ def base_dir() -> Any:
 
 
 def _unmount_under(prefix: str) -> None:
-    for info in sorted(mounts.mount_table(), key=lambda m: len(m.mount_point), reverse=True):
+    for info in sorted(mountinfo.current(), key=lambda m: len(m.mount_point), reverse=True):
         if info.mount_point.startswith(prefix + "/"):
             try:
                 mounts.unmount(info.mount_point)
@@ -151,18 +152,18 @@ async def cleanup(service: Runtimed, base: Path, cgroup_parent: str | None = Non
         for c in list(service.containers):
             await service.remove_container(container_id=c)
         leaks += [f"conmon pid {p}" for p in conmon_pids(base)]
-        leaks += [f"mount {m.mount_point}" for m in mounts.mount_table() if m.mount_point.startswith(str(base) + "/")]
+        leaks += [f"mount {m.mount_point}" for m in mountinfo.current() if m.mount_point.startswith(str(base) + "/")]
         if cgroup_parent:
             for top in cgroups.controller_dirs(cgroup_parent):
                 if os.path.isdir(top):
                     leaks += [f"cgroup {os.path.join(top, d)}" for d in os.listdir(top)
                               if os.path.isdir(os.path.join(top, d))]
-        runc_root = os.path.join(service.state_dir, "runc")
+        runc_root = os.path.join(service.ctx.state_dir, "runc")
         if os.path.isdir(runc_root):
             leaks += [f"runc container {c}" for c in os.listdir(runc_root)]
     finally:
         await service.stop()
-        runc_root = os.path.join(service.state_dir, "runc")
+        runc_root = os.path.join(service.ctx.state_dir, "runc")
         if os.path.isdir(runc_root):
             for cid in os.listdir(runc_root):
                 subprocess.run(["runc", "--root", runc_root, "delete", "--force", cid], capture_output=True)

@@ -136,14 +136,14 @@ async def test_restart_finishes_or_undoes_in_flight_creates(lives, cgroup_parent
     made = await new_container(first, pod, rootfs, container_config("made", command=["sleep", "600"]), start=False)
     half = (await first.reserve_container(sandbox_id=pod, config=container_config("half", command=["true"])))["id"]
     await lives.stop()
-    records = Path(first.state_dir, "records", "containers")
+    records = Path(first.ctx.state_dir, "records", "containers")
     # As if killed after conmon created `made` but before the record said so.
     rec = json.loads((records / f"{made}.json").read_text())
     rec["state"] = "creating"
     (records / f"{made}.json").write_text(json.dumps(rec))
     # As if killed just after `half` started being created.
     rec = json.loads((records / f"{half}.json").read_text())
-    rec.update(state="creating", bundle=os.path.join(first.state_dir, "containers", half))
+    rec.update(state="creating", bundle=os.path.join(first.ctx.state_dir, "containers", half))
     (records / f"{half}.json").write_text(json.dumps(rec))
     second = await lives.start()
     assert (await second.container_status(container_id=made))["status"]["state"] == "CONTAINER_CREATED"
@@ -159,9 +159,9 @@ async def test_restart_deletes_runc_containers_no_record_knows(lives, cgroup_par
     pod = await new_pod(first, cgroup_parent)
     cid = await new_container(first, pod, rootfs, container_config("lost", command=["sleep", "600"]))
     await lives.stop()
-    os.unlink(os.path.join(first.state_dir, "records", "containers", f"{cid}.json"))
+    os.unlink(os.path.join(first.ctx.state_dir, "records", "containers", f"{cid}.json"))
     second = await lives.start()
-    assert not os.path.exists(os.path.join(second.state_dir, "runc", cid))
+    assert not os.path.exists(os.path.join(second.ctx.state_dir, "runc", cid))
 
 
 async def test_a_reserved_container_left_in_runc_is_deleted_and_can_be_created_again(lives, cgroup_parent, rootfs):
@@ -171,12 +171,12 @@ async def test_a_reserved_container_left_in_runc_is_deleted_and_can_be_created_a
     await lives.stop()
     # As if the create was cancelled while conmon went on: the record says
     # reserved, but runc has the container.
-    records = Path(first.state_dir, "records", "containers")
+    records = Path(first.ctx.state_dir, "records", "containers")
     rec = json.loads((records / f"{cid}.json").read_text())
     rec["state"] = "reserved"
     (records / f"{cid}.json").write_text(json.dumps(rec))
     second = await lives.start()
-    assert not os.path.exists(os.path.join(second.state_dir, "runc", cid))
+    assert not os.path.exists(os.path.join(second.ctx.state_dir, "runc", cid))
     await second.create_container(container_id=cid, rootfs=rootfs)
     await second.start_container(container_id=cid)
     assert (await second.container_status(container_id=cid))["status"]["state"] == "CONTAINER_RUNNING"

@@ -40,7 +40,7 @@ async def test_container_lifecycle_exit_code_and_log(runtimed, cgroup_parent, ro
     await runtimed.remove_container(container_id=cid)  # idempotent
     with pytest.raises(NotFound):
         await runtimed.container_status(container_id=cid)
-    assert not os.path.exists(os.path.join(runtimed.state_dir, "containers", cid))
+    assert not os.path.exists(os.path.join(runtimed.ctx.state_dir, "containers", cid))
     assert conmon_pids(base_dir) == []
 
 
@@ -69,7 +69,7 @@ async def test_sandbox_status_list_and_removal(runtimed, cgroup_parent, base_dir
     assert await runtimed.list_sandboxes() == []
     with pytest.raises(NotFound):
         await runtimed.sandbox_status(sandbox_id=pod)
-    assert not os.path.exists(os.path.join(runtimed.state_dir, "sandboxes", pod))
+    assert not os.path.exists(os.path.join(runtimed.ctx.state_dir, "sandboxes", pod))
 
 
 async def test_unknown_runtime_handler(runtimed, cgroup_parent):
@@ -95,9 +95,9 @@ async def test_runtime_handler_features_are_found_once_and_again_on_reload(runti
     fake = base_dir / "fake-runc"
     fake.write_text('#!/bin/sh\necho "runc version 1.0.0-rc93"\n')
     fake.chmod(0o755)
-    old = dict(runtimed.rc.runtimes)
-    runtimed.rc.runtimes = {**old, "old": RuntimeHandler(runtime_path=str(fake))}
-    await runtimed.apply_config(ReloadResult(applied={"crio.runtime.runtimes": (old, runtimed.rc.runtimes)},
+    old = dict(runtimed.ctx.rc.runtimes)
+    runtimed.ctx.rc.runtimes = {**old, "old": RuntimeHandler(runtime_path=str(fake))}
+    await runtimed.apply_config(ReloadResult(applied={"crio.runtime.runtimes": (old, runtimed.ctx.rc.runtimes)},
                                              needs_restart={}))
     assert sorted(asked) == sorted([str(fake), old["runc"].runtime_path])
     found = {h["name"]: h for h in (await runtimed.health())["runtime_handlers"]}
@@ -149,7 +149,7 @@ async def test_failed_create_leaves_nothing(runtimed, cgroup_parent, rootfs, bas
         await runtimed.create_container(container_id=reserved["id"], rootfs=rootfs, image=IMAGE)
     await runtimed.release_container(container_id=reserved["id"])
     assert runtimed.containers == {}
-    assert os.listdir(os.path.join(runtimed.state_dir, "containers")) == []
+    assert os.listdir(os.path.join(runtimed.ctx.state_dir, "containers")) == []
     assert conmon_pids(base_dir) == []
 
 

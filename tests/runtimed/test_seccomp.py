@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from services.runtimed import seccomp, spec
+from services.runtimed import seccomp, spec, spec_security
 from shared import privileges
 from shared.config import DEFAULT_CAPABILITIES, RuntimeConfig
 from shared.errors import InvalidArgument
@@ -191,7 +191,7 @@ def test_which_profile_a_security_context_selects(tmp_path):
     rc = RuntimeConfig()
 
     def select(sc: dict[str, Any]) -> tuple[dict | None, str]:
-        return spec.seccomp_profile(sc, set(CRIO_DEFAULT), rc)
+        return spec_security.seccomp_profile(sc, set(CRIO_DEFAULT), rc)
 
     # Nothing at all, or the deprecated path empty: unconfined, as CRI-O.
     assert select({}) == (None, "unconfined")
@@ -215,7 +215,7 @@ def test_which_profile_a_security_context_selects(tmp_path):
             select(sc)
     # crio.conf's seccomp_profile replaces the built-in RuntimeDefault.
     rc = RuntimeConfig(seccomp_profile=str(profile))
-    assert spec.seccomp_profile({"seccomp": {}}, set(), rc)[0]["defaultAction"] == "SCMP_ACT_LOG"
+    assert spec_security.seccomp_profile({"seccomp": {}}, set(), rc)[0]["defaultAction"] == "SCMP_ACT_LOG"
 
 
 def test_build_applies_the_profile_for_the_capabilities_the_container_gets(tmp_path):

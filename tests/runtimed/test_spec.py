@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from services.runtimed import features, namespaces, podfiles, spec, users
+from services.runtimed import features, namespaces, podfiles, spec, spec_resources, spec_security, spec_values, users
 from services.runtimed.paths import clean_absolute, confined_relative, resolve_in_root
 from shared.config import RuntimeConfig
 from shared.errors import InvalidArgument
@@ -28,39 +28,39 @@ def test_process_args_follow_kubernetes_rules():
 
 
 def test_int64_fields_arrive_as_strings():
-    assert spec.i64("123", "x") == 123 and spec.i64(5, "x") == 5 and spec.i64(None, "x", 7) == 7
-    assert spec.wrapped_int({"value": "1000"}, "u") == 1000 and spec.wrapped_int({}, "u") == 0
+    assert spec_values.i64("123", "x") == 123 and spec_values.i64(5, "x") == 5 and spec_values.i64(None, "x", 7) == 7
+    assert spec_values.wrapped_int({"value": "1000"}, "u") == 1000 and spec_values.wrapped_int({}, "u") == 0
     with pytest.raises(InvalidArgument):
-        spec.i64("12abc", "x")
+        spec_values.i64("12abc", "x")
 
 
 def test_resources_validation_and_oom_clamp():
-    out, oom = spec.linux_resources({"memory_limit_in_bytes": str(64 << 20), "cpu_shares": "1",
+    out, oom = spec_resources.linux_resources({"memory_limit_in_bytes": str(64 << 20), "cpu_shares": "1",
                                      "oom_score_adj": "-999"}, pids_limit=10, available=ALL)
     assert out["memory"]["limit"] == 64 << 20 and out["cpu"]["shares"] == 2 and out["pids"] == {"limit": 10}
     assert oom >= min(0, int(open("/proc/self/oom_score_adj").read()))  # no CAP_SYS_RESOURCE in ALL
-    _, oom = spec.linux_resources({"oom_score_adj": "-999"}, available=ALL | {"CAP_SYS_RESOURCE"})
+    _, oom = spec_resources.linux_resources({"oom_score_adj": "-999"}, available=ALL | {"CAP_SYS_RESOURCE"})
     assert oom == -999
     for bad in ({"memory_limit_in_bytes": "1000"}, {"cpu_period": "5"}, {"cpu_quota": "-7"},
                 {"cpuset_cpus": "0-a"}, {"oom_score_adj": "1001"}, {"hugepage_limits": [{"page_size": "huge"}]},
                 {"memory_limit_in_bytes": str(64 << 20), "memory_swap_limit_in_bytes": str(1 << 20)}):
         with pytest.raises(InvalidArgument):
-            spec.linux_resources(bad, available=ALL)
+            spec_resources.linux_resources(bad, available=ALL)
 
 
 def test_capabilities_add_drop_all():
     default = ["CHOWN", "KILL"]
-    caps, _ = spec.capabilities({"capabilities": {"add_capabilities": ["NET_ADMIN"], "drop_capabilities": ["KILL"]}},
+    caps, _ = spec_security.capabilities({"capabilities": {"add_capabilities": ["NET_ADMIN"], "drop_capabilities": ["KILL"]}},
                                 default, ALL, False)
     assert caps == ["CAP_CHOWN", "CAP_NET_ADMIN"]
-    caps, _ = spec.capabilities({"capabilities": {"drop_capabilities": ["ALL"], "add_capabilities": ["KILL"]}},
+    caps, _ = spec_security.capabilities({"capabilities": {"drop_capabilities": ["ALL"], "add_capabilities": ["KILL"]}},
                                 default, ALL, False)
     assert caps == ["CAP_KILL"]
-    caps, _ = spec.capabilities({"capabilities": {"add_capabilities": ["SYS_RESOURCE"]}}, default, ALL, False)
+    caps, _ = spec_security.capabilities({"capabilities": {"add_capabilities": ["SYS_RESOURCE"]}}, default, ALL, False)
     assert "CAP_SYS_RESOURCE" not in caps  # the runtime does not have it to give
-    assert spec.capabilities({}, default, ALL, True)[0] == sorted(ALL)
+    assert spec_security.capabilities({}, default, ALL, True)[0] == sorted(ALL)
     with pytest.raises(InvalidArgument):
-        spec.capabilities({"capabilities": {"add_capabilities": ["NOPE"]}}, default, ALL, False)
+        spec_security.capabilities({"capabilities": {"add_capabilities": ["NOPE"]}}, default, ALL, False)
 
 
 def test_paths_are_confined(tmp_path):
@@ -167,12 +167,12 @@ def test_masked_and_readonly_paths_are_the_cri_lists(tmp_path):
 
 def test_hugepage_limits_follow_the_controller():
     res = {"hugepage_limits": [{"page_size": "2MB", "limit": "0"}, {"page_size": "1GB", "limit": "1073741824"}]}
-    out, _ = spec.linux_resources(res, available=ALL, hugetlb=True)
+    out, _ = spec_resources.linux_resources(res, available=ALL, hugetlb=True)
     assert out["hugepageLimits"] == [{"pageSize": "2MB", "limit": 0}, {"pageSize": "1GB", "limit": 1 << 30}]
-    out, _ = spec.linux_resources(res, available=ALL, hugetlb=False)
+    out, _ = spec_resources.linux_resources(res, available=ALL, hugetlb=False)
     assert "hugepageLimits" not in out
     with pytest.raises(InvalidArgument):  # still checked when left out
-        spec.linux_resources({"hugepage_limits": [{"page_size": "huge"}]}, available=ALL, hugetlb=False)
+        spec_resources.linux_resources({"hugepage_limits": [{"page_size": "huge"}]}, available=ALL, hugetlb=False)
 
 
 def test_hugepage_limits_reach_the_spec_where_usable(tmp_path):

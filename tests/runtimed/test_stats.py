@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from services.runtimed import cgroups, checkpoint, stats
+from services.runtimed import cgroup_stats, cgroups, checkpoint
 from services.runtimed.service import Runtimed
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.runtimed.conftest import cleanup, container_config, make_config, new_container, new_pod, wait_exited
+from tests.runtimed.conftest import (cleanup, container_config, make_config, new_container, new_pod, pod_config,
+                                     wait_exited)
 
 pytestmark = pytest.mark.root
 
@@ -29,6 +30,10 @@ class Recorder:
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         self.events.append((topic, event))
+
+    def watch_subscribers(self) -> None:
+        """No subscriber to wait for: held events go out as soon as runtimed is ready."""
+        return None
 
     def types(self, container_id: str) -> list[str | None]:
         return [e["type"] for _, e in self.events if e["container_id"] == container_id]
@@ -59,14 +64,14 @@ def test_v2_files_are_read(tmp_path: Path):
     (tmp_path / "memory.max").write_text("209715200\n")
     (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     (tmp_path / "pids.current").write_text("7\n")
-    s = stats.read_sample(stats.CgroupDirs(v2=str(tmp_path)), {"cpu", "cpu_throttling", "memory", "oom", "pids"})
+    s = cgroup_stats.read_sample(cgroup_stats.CgroupDirs(v2=str(tmp_path)), {"cpu", "cpu_throttling", "memory", "oom", "pids"})
     assert (s.cpu_usage_ns, s.cpu_user_ns, s.cpu_system_ns) == (2_500_000_000, 2_000_000_000, 500_000_000)
     assert (s.cpu_periods, s.cpu_throttled_periods, s.cpu_throttled_ns) == (10, 2, 1_500_000)
     assert s.memory_usage == 100 * MiB and s.memory_working_set == 80 * MiB and s.memory_rss == 50 * MiB
     assert (s.page_faults, s.major_page_faults, s.oom_kills, s.pids) == (1234, 5, 1, 7)
     assert s.memory_limit == 200 * MiB and s.memory_available == 120 * MiB
     (tmp_path / "memory.max").write_text("max\n")
-    assert stats.read_sample(stats.CgroupDirs(v2=str(tmp_path)), {"memory"}).memory_available is None
+    assert cgroup_stats.read_sample(cgroup_stats.CgroupDirs(v2=str(tmp_path)), {"memory"}).memory_available is None
 
 
 def test_v1_files_are_read_and_only_the_asked_families(tmp_path: Path):
@@ -79,24 +84,24 @@ def test_v1_files_are_read_and_only_the_asked_families(tmp_path: Path):
         f"total_rss {4 * MiB}\ntotal_inactive_file {3 * MiB}\ntotal_pgfault 9\ntotal_pgmajfault 1\n"
         "hierarchical_memory_limit 9223372036854771712\n")
     (tmp_path / "pids" / "pids.current").write_text("3\n")
-    dirs = stats.CgroupDirs(cpuacct=str(tmp_path / "cpuacct"), memory=str(tmp_path / "memory"),
+    dirs = cgroup_stats.CgroupDirs(cpuacct=str(tmp_path / "cpuacct"), memory=str(tmp_path / "memory"),
                             pids=str(tmp_path / "pids"))
-    s = stats.read_sample(dirs, {"cpu", "memory", "pids"})
+    s = cgroup_stats.read_sample(dirs, {"cpu", "memory", "pids"})
     assert (s.cpu_usage_ns, s.cpu_user_ns) == (3_000_000_000, 2_000_000_000)
     assert s.memory_working_set == 7 * MiB and s.memory_rss == 4 * MiB and s.memory_limit is None
     assert (s.page_faults, s.major_page_faults, s.pids) == (9, 1, 3)
-    cpu_only = stats.read_sample(dirs, {"cpu"})
+    cpu_only = cgroup_stats.read_sample(dirs, {"cpu"})
     assert cpu_only.memory_usage is None and cpu_only.pids is None
 
 
 def test_nano_cores_between_samples():
-    reader = stats.StatsReader()
-    first = stats.Sample(timestamp_ns=10 * 10**9, cpu_usage_ns=2 * 10**9)
+    reader = cgroup_stats.StatsReader()
+    first = cgroup_stats.Sample(timestamp_ns=10 * 10**9, cpu_usage_ns=2 * 10**9)
     # No previous sample: the average since the start (2 s of CPU over 4 s).
     assert reader.nano_cores("c", first, started_at_ns=6 * 10**9) == 500_000_000
-    second = stats.Sample(timestamp_ns=12 * 10**9, cpu_usage_ns=5 * 10**9)
+    second = cgroup_stats.Sample(timestamp_ns=12 * 10**9, cpu_usage_ns=5 * 10**9)
     assert reader.nano_cores("c", second) == 1_500_000_000
-    too_soon = stats.Sample(timestamp_ns=12 * 10**9 + 1000, cpu_usage_ns=5 * 10**9 + 1000)
+    too_soon = cgroup_stats.Sample(timestamp_ns=12 * 10**9 + 1000, cpu_usage_ns=5 * 10**9 + 1000)
     assert reader.nano_cores("c", too_soon) == 1_500_000_000
     reader.keep_only([])
     assert reader.nano_cores("c", second) is None
@@ -105,7 +110,7 @@ def test_nano_cores_between_samples():
 def test_proc_cgroup_lines_give_controller_dirs():
     lines = ["12:pids:/kubepods/pod1/crio-abc", "4:memory:/kubepods/pod1/crio-abc",
              "2:cpu,cpuacct:/kubepods/pod1/crio-abc", "0::/kubepods/pod1/crio-abc"]
-    dirs = stats.dirs_from_proc_cgroup(lines)
+    dirs = cgroup_stats.dirs_from_proc_cgroup(lines)
     assert dirs is not None
     if cgroups.is_v2():
         assert dirs.v2 == "/sys/fs/cgroup/kubepods/pod1/crio-abc"
@@ -222,6 +227,27 @@ async def test_events_carry_the_pod_and_container_statuses(recorded, cgroup_pare
     assert not any(e.get("derived") for _, e in rec.events)
 
 
+async def test_events_say_what_the_status_calls_say(recorded, cgroup_parent, rootfs):
+    """The same builders make both, down to a pod's namespace target and a user's groups."""
+    rt: Runtimed = recorded["service"]
+    rec: Recorder = rt.publisher
+    pod_cfg = pod_config(cgroup_parent)
+    pod_cfg["linux"]["security_context"]["namespace_options"]["target_id"] = "a-target"
+    pod = (await rt.reserve_sandbox(config=pod_cfg))["id"]
+    await rt.create_sandbox(sandbox_id=pod)
+    target = await new_container(rt, pod, rootfs, container_config("target", command=["sleep", "600"]))
+    sc = {"namespace_options": {"pid": "TARGET", "target_id": target}, "run_as_user": {"value": "1000"},
+          "supplemental_groups": ["50"]}
+    cid = await new_container(rt, pod, rootfs, container_config("joined", command=["sleep", "600"], sc=sc))
+    started = [e for _, e in rec.events if e["container_id"] == cid and e["type"] == "CONTAINER_STARTED_EVENT"][-1]
+    status = (await rt.container_status(container_id=cid))["status"]
+    assert started["container_status"] == status
+    assert status["user"]["linux"]["gid"] == 1000 and 50 in status["user"]["linux"]["supplemental_groups"]
+    pod_status = (await rt.sandbox_status(sandbox_id=pod))["status"]
+    assert started["pod_sandbox_status"] == pod_status
+    assert pod_status["linux"]["namespaces"]["options"]["target_id"] == "a-target"
+
+
 async def test_exits_during_a_restart_are_published_on_reattach(recorded, base_dir, cgroup_parent, rootfs):
     rt: Runtimed = recorded["service"]
     pod = await new_pod(rt, cgroup_parent)
@@ -229,7 +255,7 @@ async def test_exits_during_a_restart_are_published_on_reattach(recorded, base_d
     pid = rt.containers[cid]["pid"]
     await rt.stop()  # runtimed goes away; conmon keeps watching the container
     os.kill(pid, signal.SIGKILL)
-    exit_file = Path(rt.exit_dir) / cid
+    exit_file = Path(rt.ctx.exit_dir) / cid
     assert await wait_for(exit_file.exists)
     again = Runtimed(make_config(base_dir))
     again.publisher = Recorder()

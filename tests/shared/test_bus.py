@@ -45,7 +45,7 @@ async def server(endpoint: str) -> AsyncIterator[BusServer]:
 
 @pytest.fixture
 async def client(endpoint: str) -> AsyncIterator[BusClient]:
-    c = BusClient("echo", endpoint, Echo.bus_methods())
+    c = BusClient("echo", endpoint, Echo.api.methods)
     c.connect()
     yield c
     await c.close()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Config, ConfigSources, defaults_with_comments, load
+from shared.config import Config
+from shared.config_load import ConfigSources, defaults_with_comments, load
 from shared.errors import ConfigError
 from tests.support.stack import Dirs, criopy
 

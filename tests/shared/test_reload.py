@@ -6,7 +6,7 @@ from pathlib import Path
 
 import msgpack
 
-from shared.config import ConfigSources, load
+from shared.config_load import ConfigSources, load
 from shared.reload import reload_into
 
 

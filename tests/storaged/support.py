@@ -12,7 +12,8 @@ from pathlib import Path
 
 import zstandard
 
-from services.storaged import mountinfo, overlay
+from services.storaged import overlay
+from shared import mountinfo
 
 MTIME = 1_600_000_000
 MEDIA_TYPES = {

@@ -49,7 +49,7 @@ async def test_a_failed_unpack_keeps_no_lease(storaged, blob_dir):
     with pytest.raises(InvalidArgument, match="diff_id"):
         await storaged.unpack(layers=[specs[0], {**specs[1], "diff_id": "sha256:" + "0" * 64}], lease="pull 2")
     assert await layer_ids(storaged) == set()
-    assert storaged._leases == {}
+    assert storaged._unpacks._leases == {}
 
 
 @pytest.mark.parametrize("lease, seconds", [("", 10), ("x" * 300, 10), ("ok", 0), ("ok", "soon")])

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 
-from services.storaged import atomic, mountinfo, overlay
+from services.storaged import overlay
+from shared import atomic, mountinfo
 from services.storaged.service import Storaged
 from tests.storaged import support as T
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.storaged import mountinfo, overlay
+from services.storaged import overlay
+from shared import mountinfo
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from tests.storaged import support as T
 
@@ -183,3 +184,66 @@ async def test_gc_layers(storaged, blob_dir):
     root = Path(storaged._root)
     assert os.listdir(root / "layers") == [] and os.listdir(root / "l") == []
     assert os.listdir(root / "trash") == []
+
+
+async def test_a_slow_removal_holds_up_only_its_own_container(storaged, blob_dir, monkeypatch):
+    import asyncio
+    import threading
+
+    top = await unpack(storaged, blob_dir, [T.file("bin/busybox", BUSYBOX)])
+    other = "beef" * 16
+    await storaged.create_rootfs(container_id=CID, top_layer=top)
+    entered, release = threading.Event(), threading.Event()
+    delete = storaged._rootfs.delete
+
+    def slow_delete(container_id: str) -> None:
+        if container_id == CID:
+            entered.set()
+            release.wait(60)  # as an rmtree of a big writable layer would
+        delete(container_id)
+
+    monkeypatch.setattr(storaged._rootfs, "delete", slow_delete)
+    removal = asyncio.create_task(storaged.remove_rootfs(container_id=CID))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        # Another container is made while the removal runs; the same one waits for it.
+        again = asyncio.create_task(storaged.create_rootfs(container_id=CID, top_layer=top))
+        made = await asyncio.wait_for(storaged.create_rootfs(container_id=other, top_layer=top), 60)
+        assert is_mounted(made["rootfs"])
+        assert not again.done() and not removal.done()
+        # Garbage collection does not wait for the removal either, and spares the layer in use.
+        assert (await asyncio.wait_for(storaged.gc_layers(keep_top_layers=[]), 60))["removed"] == []
+    finally:
+        release.set()
+    assert (await removal)["removed"] is True
+    assert is_mounted((await again)["rootfs"])
+    for cid in (CID, other):
+        await storaged.remove_rootfs(container_id=cid)
+
+
+async def test_layers_of_a_root_file_system_being_made_are_spared_by_garbage_collection(storaged, blob_dir,
+                                                                                           monkeypatch):
+    import asyncio
+    import threading
+
+    top = await unpack(storaged, blob_dir, [T.file("bin/busybox", BUSYBOX)], [T.file("a", b"a")])
+    entered, release = threading.Event(), threading.Event()
+    create = storaged._rootfs.create
+
+    def slow_create(*args, **kwargs):
+        # Not recorded yet: only the creation's pin protects its layers now.
+        entered.set()
+        release.wait(60)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(storaged._rootfs, "create", slow_create)
+    making = asyncio.create_task(storaged.create_rootfs(container_id=CID, top_layer=top))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        collected = await asyncio.wait_for(storaged.gc_layers(keep_top_layers=[]), 60)
+    finally:
+        release.set()
+    made = await making
+    assert collected["removed"] == []
+    assert (Path(made["rootfs"]) / "a").read_bytes() == b"a"
+    await storaged.remove_rootfs(container_id=CID)

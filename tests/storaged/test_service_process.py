@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.storaged import mountinfo
+from shared import mountinfo
 from services.storaged.service import Storaged
 from shared.bus.client import BusClient
 from shared.config import Config
@@ -79,7 +79,7 @@ def daemon(dirs: Dirs, daemon_flags: tuple[str, ...]):
 
 @pytest.fixture
 async def bus(config: Config, daemon: Daemon):
-    client = BusClient("storaged", config.bus_endpoint("storaged"), Storaged.bus_methods())
+    client = BusClient.for_service(config, "storaged")
     client.connect()
 
     async def call(method: str, **params):

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from cri_api.v1 import api_pb2
 
-from services.runtimed import mounts
+from shared import mountinfo
 from tests.support import images
 from tests.support.registry import Registry, launch_registry
 from tests.support.stack import Dirs, Stack, remove_dirs, short_tempdir, start_stack
@@ -52,7 +52,7 @@ def runc_ids(stack: Stack) -> set[str]:
 def leftover_mounts(stack: Stack) -> list[str]:
     """Mounts under the stack's directories, but for the netns directory (netd shares it once)."""
     base = str(stack.dirs.base) + "/"
-    return [m.mount_point for m in mounts.mount_table()
+    return [m.mount_point for m in mountinfo.current()
             if m.mount_point.startswith(base) and m.mount_point != str(stack.dirs.netns)]
 
 

@@ -1,0 +1,28 @@
+"""StartContainer: `runc start` of a created container."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from services.runtimed import exits
+from services.runtimed.context import Context
+from shared.errors import FailedPrecondition
+
+
+async def start(ctx: Context, container_id: str) -> dict[str, Any]:
+    records = ctx.records
+    rec = records.container(container_id, visible=True)
+    async with records.lock(rec["id"]):
+        await exits.refresh(ctx, rec)
+        if rec["state"] == "running":
+            return {}
+        if rec["state"] != "created":
+            raise FailedPrecondition(f"container {container_id} is {rec['state']}, not created")
+        started_at = time.time_ns()
+        await ctx.runc(rec).start(rec["id"])
+        rec.update(state="running", started_at=started_at)
+        await records.save_container(rec)
+    ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
+    await exits.refresh(ctx, rec)
+    return {}

@@ -1,0 +1,72 @@
+"""The bus API table: the services implement exactly their rows, and a class that does not is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.bus.api import API, CALLERS, FRONTEND, ROOT, ServiceApi, retried
+from shared.bus.server import BusServer
+from shared.bus.service import Service, method
+from shared.config import Config
+from shared.errors import ApiMismatch
+from shared.services import DAEMONS, START_ORDER, service_class
+from shared.supervisor import SupervisorApi
+
+
+@pytest.mark.parametrize("name", START_ORDER)
+def test_every_service_implements_exactly_its_row(name: str) -> None:
+    cls = service_class(name)
+    assert cls.api is API[name]
+    assert set(cls.bus_methods()) == set(API[name].methods)
+    assert cls.name == name
+
+
+def test_the_supervisor_implements_exactly_its_row() -> None:
+    assert set(SupervisorApi.bus_methods()) == set(API["supervisor"].methods)
+
+
+def test_only_the_frontend_calls_the_daemons_and_only_root_reloads_or_restarts() -> None:
+    for name in DAEMONS:
+        for method_name, info in API[name].methods.items():
+            assert FRONTEND in info.callers, (name, method_name)
+            assert info.callers <= CALLERS
+            if method_name != "health":  # `criopy status` asks each service's health itself
+                assert info.callers == {FRONTEND}, (name, method_name)
+    assert API["supervisor"].methods["reload"].callers == {ROOT}
+    assert API["supervisor"].methods["restart"].callers == {ROOT}
+
+
+def test_a_caller_outside_the_known_ones_is_refused_in_the_table() -> None:
+    with pytest.raises(ValueError, match="unknown callers"):
+        retried("kubelet")
+
+
+THIN = ServiceApi("thin", {"health": retried(ROOT), "metrics": retried(ROOT), "ping": retried(ROOT)})
+
+
+class Missing(Service):
+    api = THIN
+
+
+class Undeclared(Service):
+    api = THIN
+
+    @method
+    async def ping(self) -> str:
+        return "pong"
+
+    @method
+    async def shutdown(self) -> None:
+        return None
+
+
+def test_a_class_that_misses_a_method_of_its_row_is_refused() -> None:
+    with pytest.raises(ApiMismatch, match="missing ping"):
+        Missing.bus_methods()
+    with pytest.raises(ApiMismatch):
+        BusServer(Missing(Config()), "ipc:///nonexistent/thin.sock", max_message_bytes=1024)
+
+
+def test_a_class_with_a_method_outside_its_row_is_refused() -> None:
+    with pytest.raises(ApiMismatch, match="not in the table: shutdown"):
+        Undeclared.bus_methods()
