@@ -170,6 +170,8 @@ async def list_containers(ctx: Context, filter: dict | None) -> list[dict[str, A
         if f.get("pod_sandbox_id") and not rec["sandbox_id"].startswith(f["pod_sandbox_id"]):
             continue
         await exits.refresh(ctx, rec)
+        if rec["state"] not in CONTAINER_STATES:
+            continue  # removed while its exit was being read
         entry = container_entry(rec)
         if _selected(entry, want_state, selector):
             out.append(entry)
