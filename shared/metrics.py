@@ -62,7 +62,7 @@ IMAGE_PULL_DURATION = Histogram(
     "criopy_image_pulls_duration_seconds", "Duration of image pulls.",
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=REGISTRY)
 
-# imaged and storaged: a record found unreadable at start (torn by a power cut, garbage) and
+# Every daemon: a record found unreadable at start (torn by a power cut, garbage) and
 # moved aside into the service's quarantine directory; the merged page adds `service`.
 STATE_RECORDS_QUARANTINED = Counter(
     "criopy_state_records_quarantined_total",

@@ -115,7 +115,7 @@ def test_torn_layer_and_rootfs_records(stack: Stack, app: images.Pushed, how: st
     assert [n.split("-")[0] for n in quarantined] == ["layer", "layer", "rootfs"]
     logged = quarantine_logged(stack)
     assert sorted(entry["kind"] for entry in logged) == ["layer", "layer", "rootfs"]
-    assert {entry["path"] for entry in logged} == {str(p) for p in layer_records + rootfs_records}
+    assert {path for entry in logged for path in entry["paths"]} == {str(p) for p in layer_records + rootfs_records}
     samples = scrape(stack.metrics_port)  # type: ignore[attr-defined]
     assert value(samples, "criopy_state_records_quarantined_total", service="storaged", kind="layer") == 2
     assert value(samples, "criopy_state_records_quarantined_total", service="storaged", kind="rootfs") == 1
@@ -143,7 +143,7 @@ def test_damaged_image_database_is_rebuilt_from_the_record_copies(stack: Stack, 
     damage(imaged / "images.db", how)
     stack.restart()
 
-    moved = list((imaged / "quarantine").glob("*-image_database/images.db"))
+    moved = list((imaged / "quarantine").glob("image_database-*/images.db"))
     assert len(moved) == 1
     assert [e["kind"] for e in quarantine_logged(stack)] == ["image_database"]
     samples = scrape(stack.metrics_port)  # type: ignore[attr-defined]
@@ -164,7 +164,7 @@ def test_damaged_image_database_without_copies_starts_empty_and_the_image_is_pul
     shutil.rmtree(imaged / "records")
     stack.restart()
 
-    assert len(list((imaged / "quarantine").glob("*-image_database/images.db"))) == 1
+    assert len(list((imaged / "quarantine").glob("image_database-*/images.db"))) == 1
     # Absent, as the kubelet must see it to pull it again; the blobs nothing needs are gone.
     assert not image_status(stack, app.ref).HasField("image")
     assert list(stack.images.ListImages(api_pb2.ListImagesRequest(), timeout=10).images) == []
