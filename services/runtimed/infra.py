@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from services.runtimed import conmon, exits, process, spec
+from services.runtimed import conmon, exits, oci_annotations, process, spec
 from services.runtimed.context import Context
 from services.runtimed.disk_cleanup import unlink_quiet
 from shared.errors import FailedPrecondition, Internal, NotFound
@@ -82,6 +82,7 @@ async def start(ctx: Context, rec: dict[str, Any]) -> None:
     rootfs = await asyncio.to_thread(_rootfs, ctx)
     infra_spec = spec.infra_spec(sandbox_id=rec["id"], rootfs=rootfs, command="/catatonit",
                                  sandbox=facts(rec), systemd_cgroup=ctx.systemd)
+    infra_spec["annotations"].update(oci_annotations.of_sandbox(rec))
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(infra_spec, f)
     rec["infra"] = {"bundle": bundle, "pid": 0}

@@ -22,6 +22,11 @@ CONTAINER_STATES = {"created": "CONTAINER_CREATED", "running": "CONTAINER_RUNNIN
 
 SANDBOXES = "sandboxes"
 CONTAINERS = "containers"
+# Every state a saved record may be in, and the keys every saved record has.
+ALL_STATES = {SANDBOXES: ("reserved", "creating", *SANDBOX_STATES, "removing"),
+              CONTAINERS: ("reserved", "creating", *CONTAINER_STATES, "removing")}
+REQUIRED = {SANDBOXES: ("id", "name", "state", "config"),
+            CONTAINERS: ("id", "name", "state", "config", "sandbox_id")}
 
 
 class Records:
@@ -36,13 +41,18 @@ class Records:
         self._store: Store | None = None
 
     def load(self) -> None:
-        """Read every saved record (at start, before anything else touches them)."""
+        """Read every saved record (at start, before anything else touches them); a damaged one is
+        moved to quarantine and left out (recovery.py finds what it made)."""
         self._store = Store(self._directory)
         for kind in (SANDBOXES, CONTAINERS):
-            table = self.table(kind)
-            for rec in self._store.load_all(kind):
-                table[rec["id"]] = rec
-                self.names[kind][rec["name"]] = rec["id"]
+            for rec in self._store.load_all(kind, REQUIRED[kind], ALL_STATES[kind]):
+                self.add(kind, rec)
+
+    def add(self, kind: str, rec: dict[str, Any]) -> None:
+        """Hold a record and its name (a loaded or rebuilt one; a name not known is held by none)."""
+        self.table(kind)[rec["id"]] = rec
+        if rec["name"]:
+            self.names[kind][rec["name"]] = rec["id"]
 
     def table(self, kind: str) -> dict[str, dict[str, Any]]:
         return self.sandboxes if kind == SANDBOXES else self.containers

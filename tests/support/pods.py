@@ -56,6 +56,26 @@ def leftover_mounts(stack: Stack) -> list[str]:
             if m.mount_point.startswith(base) and m.mount_point != str(stack.dirs.netns)]
 
 
+def leftovers(stack: Stack, cgroup_parent: str) -> dict[str, list[str]]:
+    """What pods left on the machine, by kind (all lists empty once every pod is gone): mounts, network
+    namespace pins, the bridge's veths, IP leases, cgroups under `cgroup_parent`, conmon, runc containers."""
+    network = json.loads(next(stack.dirs.cni.glob("*.conflist")).read_text())
+    bridge = network["plugins"][0]
+    ports = subprocess.run(["ip", "-j", "link", "show", "master", bridge["bridge"]],
+                           capture_output=True, text=True).stdout
+    leases = Path(bridge["ipam"]["dataDir"]) / network["name"]
+    return {
+        "mounts": leftover_mounts(stack),
+        "netns": sorted(os.listdir(stack.dirs.netns)),
+        "veths": [link["ifname"] for link in json.loads(ports or "[]")],
+        "ip leases": sorted(f.name for f in leases.glob("*") if f.name[0].isdigit()) if leases.is_dir() else [],
+        "cgroups": sorted(str(d) for top in Path("/sys/fs/cgroup").glob(f"*{cgroup_parent}") for d in top.rglob("*")
+                          if d.is_dir()),
+        "conmon": [str(pid) for pid in conmon_pids(stack.dirs.base)],
+        "runc": sorted(runc_ids(stack)),
+    }
+
+
 def remove_pods(stack: Stack) -> None:
     for pod in stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
         stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
