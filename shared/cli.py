@@ -72,13 +72,16 @@ async def _status(config: Config) -> dict[str, Any]:
         except CriopyError as e:
             return {"service": name, "state": "down", "error": e.message}
 
-    healths = await asyncio.gather(*(one(name) for name in START_ORDER))
+    async def supervised() -> list[dict[str, Any]]:
+        try:
+            return await _ask(config, "supervisor", "services", config.criopy.bus.health_timeout)
+        except CriopyError:
+            return []
+
+    # All at once: a service that does not answer costs one health timeout, not one each.
+    *healths, children = await asyncio.gather(*(one(name) for name in START_ORDER), supervised())
     report = {h["service"]: h for h in healths}
-    try:
-        supervised = await _ask(config, "supervisor", "services", config.criopy.bus.health_timeout)
-    except CriopyError:
-        supervised = []
-    for child in supervised:
+    for child in children:
         entry = report.get(child["name"])
         if entry is not None:
             entry.update(restarts=child["restarts"], last_error=child["last_error"])
