@@ -111,7 +111,7 @@ class Stack:
     flags: tuple[str, ...] = ()
     env: dict[str, str] | None = None
     channel: grpc.Channel = field(init=False)
-    _config: Config | None = field(init=False, default=None)
+    _configs: dict[tuple[str, ...], Config] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._connect()
@@ -125,12 +125,12 @@ class Stack:
         """What `criopy status --json` reports, asked from this process."""
         return status_of(self.config(), timeout)
 
-    def config(self) -> Config:
-        """The configuration `criopy` commands read with this stack's flags."""
-        if self._config is None:
-            args = cli._parser().parse_args([*self.dirs.flags(*self.flags), "status"])
-            self._config = config_load.load(cli._sources(args))
-        return self._config
+    def config(self, *extra_flags: str) -> Config:
+        """The configuration `criopy` commands read with this stack's flags (and `extra_flags`)."""
+        if extra_flags not in self._configs:
+            args = cli._parser().parse_args([*self.dirs.flags(*self.flags, *extra_flags), "status"])
+            self._configs[extra_flags] = config_load.load(cli._sources(args))
+        return self._configs[extra_flags]
 
     def pid(self, service: str) -> int:
         pid = self.status()[service].get("pid")
