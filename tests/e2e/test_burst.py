@@ -15,56 +15,31 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import secrets
 import threading
 import time
-from typing import Iterator
 
 import pytest
 from cri_api.v1 import api_pb2
 
 from shared.services import START_ORDER
-from tests.e2e.test_pods import container_config, create, run_pod
-from tests.support.pods import bridge_stack, busybox_registry, leftovers
-from tests.support.registry import Registry
+# The pod tests' registry, image and stack fixtures.
+from tests.e2e.test_pods import (CGROUP_PARENT, busybox, container_config, pod_config, pod_stack,  # noqa: F401
+                                 registry, registry_and_image)
+from tests.support.pods import leftovers
 from tests.support.stack import Stack, status_of
 
 pytestmark = pytest.mark.root
 
 BURST = 50
-CGROUP_PARENT = f"/criopy-burst-{secrets.token_hex(3)}"
 # Deadlines of one call in the burst: generous, the machine is shared; no call may fail.
 CALL_TIMEOUT = 240
 # File descriptors a service may hold beyond its count before the burst: lazily made things.
 FD_SLACK = 8
 
 
-@pytest.fixture(scope="module")
-def registry_and_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, str]]:
-    with busybox_registry(tmp_path_factory.mktemp("burst-registry"), "burst/busybox") as found:
-        yield found
-
-
-@pytest.fixture
-def stack(registry_and_image: tuple[Registry, str]) -> Iterator[Stack]:
-    with bridge_stack("cpbu-", CGROUP_PARENT, registry=registry_and_image[0]) as s:
-        yield s
-
-
-def pod_config(n: int) -> api_pb2.PodSandboxConfig:
-    name = f"burst-{n}"
-    return api_pb2.PodSandboxConfig(
-        metadata=api_pb2.PodSandboxMetadata(name=name, namespace="burst", uid=secrets.token_hex(8)),
-        hostname=name, labels={"burst": "yes"},
-        linux=api_pb2.LinuxPodSandboxConfig(
-            cgroup_parent=f"{CGROUP_PARENT}/{name}",
-            security_context=api_pb2.LinuxSandboxSecurityContext(
-                namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NamespaceMode.CONTAINER))))
-
-
 def start_pod(stack: Stack, image: str, n: int) -> tuple[str, str]:
     rt = stack.runtime
-    pod = pod_config(n)
+    pod = pod_config(f"burst-{n}")
     pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=CALL_TIMEOUT).pod_sandbox_id
     cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
         pod_sandbox_id=pod_id, config=container_config("sleep", image, ["sleep", "3600"]), sandbox_config=pod),
@@ -110,8 +85,8 @@ class HealthDuring:
         self._thread.join()
 
 
-def test_fifty_pods_at_once_then_all_removed_at_once(stack: Stack, registry_and_image: tuple[Registry, str]) -> None:
-    image = registry_and_image[1]
+def test_fifty_pods_at_once_then_all_removed_at_once(pod_stack: Stack, busybox: str) -> None:
+    stack, image = pod_stack, busybox
     stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
     # A first pod outside the burst: what is made once (the bridge, the pin directory) is made.
     warm_id, _ = start_pod(stack, image, BURST)

@@ -154,12 +154,18 @@ async def test_restart_finishes_or_undoes_in_flight_creates(lives, cgroup_parent
     assert half not in second.containers
 
 
-async def test_a_container_whose_record_is_gone_is_found_again_and_removed(lives, cgroup_parent, rootfs):
+async def _container_whose_record_is_gone(lives, cgroup_parent, rootfs, name):
+    """A running container, and runtimed stopped with the container's record deleted: (runtimed, pod, id)."""
     first = await lives.start()
     pod = await new_pod(first, cgroup_parent)
-    cid = await new_container(first, pod, rootfs, container_config("lost", command=["sleep", "600"]))
+    cid = await new_container(first, pod, rootfs, container_config(name, command=["sleep", "600"]))
     await lives.stop()
     os.unlink(os.path.join(first.ctx.state_dir, "records", "containers", f"{cid}.json"))
+    return first, pod, cid
+
+
+async def test_a_container_whose_record_is_gone_is_found_again_and_removed(lives, cgroup_parent, rootfs):
+    _first, pod, cid = await _container_whose_record_is_gone(lives, cgroup_parent, rootfs, "lost")
     second = await lives.start()
     # runc's container and its bundle's annotations say what it was; it was left running.
     [found] = await second.list_containers(filter={"pod_sandbox_id": pod})
@@ -170,11 +176,7 @@ async def test_a_container_whose_record_is_gone_is_found_again_and_removed(lives
 
 
 async def test_runc_containers_nothing_says_anything_of_are_deleted(lives, cgroup_parent, rootfs):
-    first = await lives.start()
-    pod = await new_pod(first, cgroup_parent)
-    cid = await new_container(first, pod, rootfs, container_config("stray", command=["sleep", "600"]))
-    await lives.stop()
-    os.unlink(os.path.join(first.ctx.state_dir, "records", "containers", f"{cid}.json"))
+    first, pod, cid = await _container_whose_record_is_gone(lives, cgroup_parent, rootfs, "stray")
     # Not one of runtimed's: no annotation says it is a container of a pod.
     spec_path = Path(first.ctx.bundle(cid), "config.json")
     spec = json.loads(spec_path.read_text())
