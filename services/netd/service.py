@@ -250,6 +250,8 @@ class Netd(Service):
                     await self._teardown(record)
                 except CriopyError as e:
                     log.error("pod_network_teardown_failed", pod_id=record.pod_id, error=e.message)
+                except Exception as e:  # a record that makes no sense: netd starts all the same
+                    log.exception("pod_network_teardown_failed", pod_id=record.pod_id, error=str(e))
             elif not netns.is_pinned(record.netns_path):
                 log.warning("pod_netns_missing", pod_id=record.pod_id, netns=record.netns_path)
 
@@ -259,8 +261,8 @@ class Netd(Service):
             if entry.container_id not in self._pods:
                 try:
                     await self._save(recovery.from_cache(entry, self._netns_dir))
-                except CriopyError as e:
-                    log.error("pod_network_record_rebuild_failed", pod_id=entry.container_id, error=e.message)
+                except Exception as e:  # netd starts all the same
+                    log.exception("pod_network_record_rebuild_failed", pod_id=entry.container_id, error=str(e))
         known = {Path(r.netns_path) for r in self._pods.values()}
         network = self._watcher.current().network
         for pin in netns.list_pins(self._netns_dir):
