@@ -13,7 +13,7 @@ CNI_CONF_DIR ?= /etc/cni/net.d
 # init of pods that share a PID namespace; skopeo is the pull benchmark's yardstick; criu checkpoints containers;
 # prometheus (with promtool) scrapes and checks the metrics endpoint in the tests.
 DEBIAN_PACKAGES := runc conmon containernetworking-plugins busybox-static docker-registry \
-	iproute2 iptables mount util-linux catatonit libcap2-bin kmod python3-venv skopeo criu prometheus
+	iproute2 iptables mount util-linux hostname catatonit libcap2-bin kmod python3-venv skopeo criu prometheus
 
 # Real Kubernetes clients for `make test-clients` (not part of `make test`); `make bench` uses crictl too.
 CRICTL ?= ../shared/tools/crictl
