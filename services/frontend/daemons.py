@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -18,6 +19,9 @@ class Daemons:
 
     def __init__(self, config: Config, context: zmq.asyncio.Context) -> None:
         self.config = config
+        # This frontend process's name, which runtimed's reservations carry: those of
+        # another name were left by a frontend that died (see runtimed's reservations.py).
+        self.instance = secrets.token_hex(8)
         # Their events (runtimed's, for GetContainerEvents), fanned out to CRI clients.
         self.events = EventHub(config, context)
         self.clients: dict[str, BusClient] = {name: BusClient.for_service(config, name, context) for name in DAEMONS}
