@@ -9,6 +9,7 @@ from typing import Any
 import zmq.asyncio
 
 from services.frontend.event_hub import EventHub
+from shared import faults
 from shared.bus.client import BusClient
 from shared.config import Config
 from shared.services import DAEMONS
@@ -37,7 +38,9 @@ class Daemons:
             await client.close()
 
     async def call(self, daemon: str, method: str, *, deadline: float, **params: Any) -> Any:
-        return await self.clients[daemon].call(method, deadline=deadline, **params)
+        result = await self.clients[daemon].call(method, deadline=deadline, **params)
+        faults.point(f"frontend.after.{daemon}.{method}")
+        return result
 
     async def health(self, daemon: str) -> dict[str, Any]:
         """The daemon's health, waiting at most the configured probe timeout."""

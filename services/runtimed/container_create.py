@@ -20,6 +20,7 @@ from services.runtimed import cgroups, conmon, container_remove, infra, process,
 from services.runtimed.context import Context
 from services.runtimed.paths import confined_relative
 from services.runtimed.records import CONTAINER_STATES, CONTAINERS
+from shared import faults
 from shared.errors import FailedPrecondition
 
 log = structlog.get_logger(__name__)
@@ -142,6 +143,7 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
                 log_size_max=ctx.rc.log_size_max, log_level=ctx.rc.log_level,
                 systemd_cgroup=ctx.systemd)
             started = await conmon.start(conmon_spec, cgroup_procs=procs)
+            faults.point("runtimed.create_container.after_conmon")
         except BaseException:
             await undo(ctx, rec)
             await records.back_to_reserved(CONTAINERS, rec)
