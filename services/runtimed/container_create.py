@@ -142,7 +142,7 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
                 stdin=bool(cfg.get("stdin")), stdin_once=bool(cfg.get("stdin_once")),
                 log_size_max=ctx.rc.log_size_max, log_level=ctx.rc.log_level,
                 systemd_cgroup=ctx.systemd)
-            started = await conmon.start(conmon_spec, cgroup_procs=procs)
+            started = await conmon.start(conmon_spec, cgroup_procs=procs, timeout=handler.container_create_timeout)
             faults.point("runtimed.create_container.after_conmon")
         except BaseException:
             await undo(ctx, rec)
