@@ -554,3 +554,17 @@ async def test_restarting_runtimed_ends_its_sessions(world: World, crash: bool) 
         assert json.loads(await s["error"].read_all())["status"] == "Success"
     finally:
         await client.close()
+
+
+def test_an_exec_sync_whose_caller_gave_up_is_ended(world: World) -> None:
+    marker = str(80000 + secrets.randbelow(10000))
+    # No timeout of its own: the command runs until the caller's deadline, then goes.
+    with pytest.raises(grpc.RpcError) as failed:
+        world.stack.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=world.worker, cmd=["sleep", marker]),
+                                     timeout=2)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if not _sleepers(marker):
+            break
+        time.sleep(0.05)
+    assert _sleepers(marker) == []
