@@ -21,7 +21,7 @@ from typing import Any, Callable
 import structlog
 
 from services.runtimed import (checkpoint, container_create, container_exec, container_log, container_remove,
-                               container_start, container_stop, exit_watcher, reconcile, reservations,
+                               container_start, container_stop, exec_leftovers, exit_watcher, reconcile, reservations,
                                resource_updates, runc, sandbox_remove, sandbox_run, sandbox_stop, stats, status)
 from services.runtimed.context import Context
 from services.runtimed.event_publisher import EventPublisher
@@ -80,6 +80,7 @@ class Runtimed(Service):
         self._event_publisher.attach()
         ctx.events.subscribe(_count_oom_kills)
         await reconcile.reconcile(ctx)
+        await exec_leftovers.end_leftover_execs(ctx)
         self._watcher = asyncio.create_task(exit_watcher.watch(ctx), name="runtimed-exit-watcher")
         self.ready = True
         log.info("runtimed_started", sandboxes=len(self.sandboxes), containers=len(self.containers))
