@@ -24,7 +24,7 @@ import pytest
 from cri_api.v1 import api_pb2
 
 from shared import faults
-from tests.support.pods import bridge_stack, busybox_registry, leftovers
+from tests.support.pods import bridge_stack, busybox_registry, leftovers, new_leftovers
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
@@ -109,18 +109,6 @@ class Kubelet:
         raise AssertionError(f"{what} did not succeed within {MAX_ATTEMPTS} tries: {last}; {dict(self.failures)}")
 
 
-def _settled(stack: Stack, before: dict[str, list[str]], timeout: float = 30.0) -> dict[str, list[str]]:
-    """What is left beyond `before`, once background clean-up had time to run."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = leftovers(stack, CGROUP_PARENT)
-        extra = {kind: sorted(set(items) - set(before[kind])) for kind, items in now.items()}
-        extra = {kind: items for kind, items in extra.items() if items}
-        if not extra or time.monotonic() > deadline:
-            return extra
-        time.sleep(0.5)
-
-
 @pytest.mark.parametrize("point", POINTS)
 def test_a_kill_at_each_point_converges_and_leaks_nothing(world: World, point: str) -> None:
     stack, rt = world.stack, world.stack.runtime
@@ -167,4 +155,4 @@ def test_a_kill_at_each_point_converges_and_leaks_nothing(world: World, point: s
     assert reached, f"the fault point {point} was never reached"
     assert [p.id for p in rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=CALL_TIMEOUT).items
             if p.metadata.name == name] == []
-    assert _settled(stack, before) == {}
+    assert new_leftovers(stack, CGROUP_PARENT, before) == {}

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
-from tests.support.pods import bridge_stack, busybox_registry, leftovers
+from tests.support.pods import bridge_stack, busybox_registry, leftovers, new_leftovers
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -79,9 +79,20 @@ def pod_config(name: str) -> api_pb2.PodSandboxConfig:
         hostname=name, linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=f"{CGROUP_PARENT}/{name}"))
 
 
-def container_config(image: str) -> api_pb2.ContainerConfig:
-    return api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name="c"), image=api_pb2.ImageSpec(image=image),
-                                   command=["sleep", "600"], log_path="c.log")
+def hanging_pod(world: World, name: str) -> tuple[str, api_pb2.CreateContainerRequest]:
+    """A pod on the wrapped runc's handler, and the request that creates its container."""
+    pod = pod_config(name)
+    pod_id = world.stack.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod, runtime_handler=HANDLER),
+                                               timeout=30).pod_sandbox_id
+    config = api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name="c"),
+                                     image=api_pb2.ImageSpec(image=world.image), command=["sleep", "600"],
+                                     log_path="c.log")
+    return pod_id, api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+
+
+def remove_pod(stack: Stack, pod_id: str) -> None:
+    stack.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=30)
+    stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=30)
 
 
 def _stat(pid: str) -> list[str] | None:
@@ -111,17 +122,6 @@ def stragglers(world: World, timeout: float = 10.0) -> list[str]:
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
-
-
-def settled(stack: Stack, before: dict[str, list[str]], timeout: float = 15.0) -> dict[str, list[str]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        now = leftovers(stack, CGROUP_PARENT)
-        extra = {kind: sorted(set(items) - set(before[kind])) for kind, items in now.items()}
-        extra = {kind: items for kind, items in extra.items() if items}
-        if not extra or time.monotonic() > deadline:
-            return extra
-        time.sleep(0.3)
 
 
 def timed(call, timeout: float) -> tuple[grpc.RpcError, float]:  # type: ignore[no-untyped-def]
@@ -155,23 +155,18 @@ def test_a_cni_add_that_never_answers(world: World, hang) -> None:  # type: igno
     assert f"timed out after {CNI_TIMEOUT}s" in error.details() and took < 20
     assert stragglers(world) == []
     # The veth and the address the plugin made before it hung are gone with the pod's network.
-    assert settled(stack, before) == {}
+    assert new_leftovers(stack, CGROUP_PARENT, before, timeout=15) == {}
 
     (world.wrappers / "hang-after-ADD").unlink()
     pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=30).pod_sandbox_id
-    rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=30)
-    rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=30)
-    assert settled(stack, before) == {}
+    remove_pod(stack, pod_id)
+    assert new_leftovers(stack, CGROUP_PARENT, before, timeout=15) == {}
 
 
 def test_a_runc_create_that_never_answers(world: World, hang) -> None:  # type: ignore[no-untyped-def]
     stack, rt = world.stack, world.stack.runtime
     before = leftovers(stack, CGROUP_PARENT)
-    pod = pod_config("create")
-    pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod, runtime_handler=HANDLER),
-                              timeout=30).pod_sandbox_id
-    request = api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=container_config(world.image),
-                                             sandbox_config=pod)
+    pod_id, request = hanging_pod(world, "create")
     hang("after-create")
     error, took = timed(lambda t: rt.CreateContainer(request, timeout=t), 20)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -183,25 +178,20 @@ def test_a_runc_create_that_never_answers(world: World, hang) -> None:  # type: 
     (world.wrappers / "hang-after-create").unlink()
     cid = rt.CreateContainer(request, timeout=30).container_id
     rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
-    rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=30)
-    rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=30)
-    assert settled(stack, before) == {}
+    remove_pod(stack, pod_id)
+    assert new_leftovers(stack, CGROUP_PARENT, before, timeout=15) == {}
 
 
 def test_a_runc_start_that_never_answers(world: World, hang) -> None:  # type: ignore[no-untyped-def]
     stack, rt = world.stack, world.stack.runtime
     before = leftovers(stack, CGROUP_PARENT)
-    pod = pod_config("start")
-    pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod, runtime_handler=HANDLER),
-                              timeout=30).pod_sandbox_id
-    cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
-        pod_sandbox_id=pod_id, config=container_config(world.image), sandbox_config=pod), timeout=30).container_id
+    pod_id, request = hanging_pod(world, "start")
+    cid = rt.CreateContainer(request, timeout=30).container_id
     hang("start")
     error, took = timed(lambda t: rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=t), 5)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and took < 5 + 1
     assert stragglers(world) == []
     # Never started, it is removed as a created container is.
     rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=30)
-    rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=30)
-    rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=30)
-    assert settled(stack, before) == {}
+    remove_pod(stack, pod_id)
+    assert new_leftovers(stack, CGROUP_PARENT, before, timeout=15) == {}

@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -81,6 +82,19 @@ def leftovers(stack: Stack, cgroup_parent: str) -> dict[str, list[str]]:
         "records": sorted(str(p.relative_to(root)) for pattern in (
             "runtimed/records/*/*.json", "netd/pods/*", "storaged/rootfs/*") for p in root.glob(pattern)),
     }
+
+
+def new_leftovers(stack: Stack, cgroup_parent: str, before: dict[str, list[str]],
+                  timeout: float = 30.0) -> dict[str, list[str]]:
+    """What `leftovers` finds beyond `before`, once background clean-up had `timeout` to run; {} when none."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = leftovers(stack, cgroup_parent)
+        extra = {kind: sorted(set(items) - set(before[kind])) for kind, items in now.items()}
+        extra = {kind: items for kind, items in extra.items() if items}
+        if not extra or time.monotonic() > deadline:
+            return extra
+        time.sleep(0.3)
 
 
 def remove_pods(stack: Stack) -> None:
