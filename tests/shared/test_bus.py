@@ -187,14 +187,15 @@ async def test_daemon_busy_until_the_deadline_is_deadline_exceeded(server: BusSe
         await client.call("busy_once", deadline=soon())
 
 
-async def test_call_waits_for_a_daemon_that_comes_up(endpoint: str, client: BusClient) -> None:
-    async def late_server() -> BusServer:
-        await asyncio.sleep(0.5)
-        srv = BusServer(Echo(Config()), endpoint, max_message_bytes=MAX_BYTES)
-        await srv.start()
-        return srv
+async def _late_server(endpoint: str, delay: float) -> BusServer:
+    await asyncio.sleep(delay)
+    srv = BusServer(Echo(Config()), endpoint, max_message_bytes=MAX_BYTES)
+    await srv.start()
+    return srv
 
-    starter = asyncio.create_task(late_server())
+
+async def test_call_waits_for_a_daemon_that_comes_up(endpoint: str, client: BusClient) -> None:
+    starter = asyncio.create_task(_late_server(endpoint, 0.5))
     assert await client.call("echo", deadline=soon(), value="late") == "late"
     await (await starter).close()
 
@@ -203,13 +204,7 @@ async def test_the_call_span_counts_its_attempts(endpoint: str, client: BusClien
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     tracing.configure("test", TracingConfig(enable_tracing=True, tracing_exporter="console"))
     try:
-        async def late_server() -> BusServer:
-            await asyncio.sleep(0.3)
-            srv = BusServer(Echo(Config()), endpoint, max_message_bytes=MAX_BYTES)
-            await srv.start()
-            return srv
-
-        starter = asyncio.create_task(late_server())
+        starter = asyncio.create_task(_late_server(endpoint, 0.3))
         assert await client.call("echo", deadline=soon(), value="late") == "late"
         assert await client.call("echo", deadline=soon(), value="again") == "again"
         await (await starter).close()
