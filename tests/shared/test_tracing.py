@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Iterator
 
 import pytest
+import structlog
 from opentelemetry import trace
 
 from shared import log as logs
@@ -16,9 +18,17 @@ CONSOLE = TracingConfig(enable_tracing=True, tracing_exporter="console")
 
 
 @pytest.fixture(autouse=True)
-def tracing_off_afterwards() -> Iterator[None]:
+def restored_logs_and_tracing() -> Iterator[None]:
+    """logs.configure points structlog and the root logger at this test's captured stderr: undo it."""
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    service, debug = logs._service, logs._debug
     yield
     tracing.configure("test", TracingConfig())
+    structlog.configure(**structlog_config)
+    root.handlers[:], root.level = handlers, level
+    logs._service, logs._debug = service, debug
 
 
 def _lines(text: str) -> list[dict]:
