@@ -22,7 +22,8 @@ async def start(ctx: Context, container_id: str) -> dict[str, Any]:
         started_at = time.time_ns()
         await ctx.runc(rec).start(rec["id"])
         rec.update(state="running", started_at=started_at)
+        # Told as the record changes (see exits.mark_exited), before an await lets an exit in.
+        ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
         await records.save_container(rec)
-    ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
     await exits.refresh(ctx, rec)
     return {}
