@@ -152,9 +152,10 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
                    pid_start=process.process_start_time(started.container_pid),
                    conmon_pid=started.conmon_pid, conmon_start=process.process_start_time(started.conmon_pid),
                    created_at=time.time_ns())
+        # Told as the record changes (see exits.mark_exited), before an await lets an exit in.
+        ctx.events.emit("container", "created", rec["id"], rec["sandbox_id"])
         await records.save_container(rec)
     await records.notify()
-    ctx.events.emit("container", "created", rec["id"], rec["sandbox_id"])
     log.info("container_created", container_id=rec["id"], name=rec["name"])
     return {"id": rec["id"]}
 

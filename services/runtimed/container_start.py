@@ -24,7 +24,8 @@ async def start(ctx: Context, container_id: str) -> dict[str, Any]:
         await ctx.runc(rec).start(rec["id"])
         faults.point("runtimed.start_container.after_runc_start")
         rec.update(state="running", started_at=started_at)
+        # Told as the record changes (see exits.mark_exited), before an await lets an exit in.
+        ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
         await records.save_container(rec)
-    ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
     await exits.refresh(ctx, rec)
     return {}
