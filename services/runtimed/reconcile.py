@@ -81,8 +81,9 @@ async def _reconcile_started(ctx: Context, rec: dict[str, Any]) -> None:
         return
     rec.update(state="running", started_at=time.time_ns())
     log.info("container_start_finished_after_restart", container_id=rec["id"])
-    await ctx.records.save_container(rec)
+    # Told as the record changes (see exits.mark_exited).
     ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
+    await ctx.records.save_container(rec)
 
 
 async def _delete_orphans(ctx: Context) -> None:
