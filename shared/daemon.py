@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import signal
 
 import structlog
 import zmq.asyncio
 
 from shared import log as logs
-from shared import privileges, tracing
+from shared import faults, privileges, tracing
 from shared.bus.events import SPANS_TOPIC, EventPublisher
 from shared.bus.server import BusServer
 from shared.bus.service import Service
@@ -41,6 +42,7 @@ def run_service(name: str, config: Config, sources: ConfigSources) -> int:
     kept = privileges.restrict_to(cls.declared_capabilities())
     logs.configure(name, config.criopy.log.level_of(name, config.crio.runtime.log_level), config.criopy.log.log_format)
     tracing.configure(name, config.crio.tracing, relayed=not cls.network)
+    faults.arm(os.environ)
     log.info("service_starting", capabilities=sorted(kept))
     try:
         asyncio.run(_serve(cls(config), config, sources))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import zmq.asyncio
 
+from services.frontend import abandoned
 from services.frontend.daemons import Daemons
 from services.frontend.grpc_server import start_server
 from services.frontend.metrics_endpoint import MetricsEndpoint
@@ -25,12 +28,15 @@ class Frontend(Service):
     _metrics: MetricsEndpoint | None = None
     _supervisor: BusClient | None = None
     daemons: Daemons | None = None
+    _recovery: asyncio.Task[None] | None = None
     span_relay: SpanRelay | None = None
 
     async def start(self) -> None:
         self._context = zmq.asyncio.Context.instance()
         self.daemons = Daemons(self.config, self._context)
         self.daemons.connect()
+        # What a frontend killed mid-call left half done (runs while calls are served).
+        self._recovery = asyncio.create_task(abandoned.recover(self.daemons), name="recover-abandoned")
         self.span_relay = SpanRelay(self.config, self._context)
         self.span_relay.start()
         # Listening from the start, as CRI-O's, so the first exec gets no extra delay.
@@ -53,6 +59,9 @@ class Frontend(Service):
             await self._start_metrics()
 
     async def stop(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         if self._metrics is not None:
             await self._metrics.close()
         if self._supervisor is not None:
