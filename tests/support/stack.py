@@ -17,7 +17,20 @@ from typing import Any
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from shared.config import Config
+
 REPO = Path(__file__).resolve().parents[2]
+
+# A test that calls a daemon itself, as root, runs it with root counted as the frontend: the
+# setting for running single services by hand (`[criopy.users] frontend = "root"`).
+ROOT_AS_FRONTEND = ("--set", 'criopy.users.frontend="root"')
+
+
+def root_as_frontend(config: Config | None = None) -> Config:
+    """`config` (the defaults when none) with root counted as the frontend, for daemons a test calls itself."""
+    config = config or Config()
+    config.criopy.users.frontend = "root"
+    return config
 
 
 def short_tempdir(prefix: str = "cp-") -> Path:
@@ -62,6 +75,8 @@ class Dirs:
         return self.base / "criopy.conf.d"
 
     def make(self) -> "Dirs":
+        # The frontend and imaged run as users of their own: they must get through the base (mkdtemp's 0700).
+        self.base.chmod(0o755)
         for d in (self.root, self.runroot, self.cni, self.netns, self.logs, self.config_dir):
             d.mkdir(parents=True, exist_ok=True)
         if not self.config_file.exists():
