@@ -35,8 +35,12 @@ def _bind(sock: zmq.asyncio.Socket, endpoint: str, zap_domain: str) -> zmq.async
     sock.setsockopt(zmq.ZAP_DOMAIN, zap_domain.encode())
     # Without a handler answering, a connection is refused rather than let through.
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-    ipc.prepare(endpoint)
-    sock.bind(endpoint)
+    try:
+        ipc.prepare(endpoint)
+        sock.bind(endpoint)
+    except BaseException:
+        sock.close(linger=0)  # an open socket would hold its context's termination forever
+        raise
     path = ipc.path_of(endpoint)
     if path is not None:
         ipc.restrict(path)
