@@ -145,9 +145,9 @@ def test_sysusers_make_the_accounts_of_the_identities() -> None:
         assert ident.group in groups | set(users) | {"root"}
 
 
-def readme_table(heading: str) -> list[list[str]]:
-    """The rows of the first table after `heading` in deploy/README.md, cells stripped of backquotes."""
-    text = DEPLOY_README.read_text()
+def readme_table(heading: str, path: Path = DEPLOY_README) -> list[list[str]]:
+    """The rows of the first table after `heading` in a README (deploy/README.md), cells stripped of backquotes."""
+    text = path.read_text()
     lines = text[text.index(heading):].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     rows = []
@@ -181,6 +181,21 @@ def test_the_deploy_readme_edge_table_is_the_api_table() -> None:
         for caller in api.callers:
             expected.add(({FRONTEND: "frontend", ROOT: "root"}[caller], name))
     assert edges == expected
+
+
+def test_the_readme_privilege_table_names_each_user_and_its_callers() -> None:
+    rows = {row[0].split()[0]: row for row in readme_table("| process | owns | runs as", REPO / "README.md")}
+    config = Config()
+    assert set(rows) == set(START_ORDER) | {"supervisor"}
+    for name, (_process, _owns, runs_as, _caps, accepts) in rows.items():
+        ident = identities.identity(name, config)
+        assert runs_as.startswith(ident.user) and all(g in runs_as for g in ident.groups if name != "frontend"), name
+        callers = API[name].callers
+        if name == "frontend":
+            assert callers == frozenset() and "nobody on the bus" in accepts
+        else:
+            assert accepts == {frozenset({FRONTEND}): "the frontend", frozenset({ROOT}): "root (the criopy command)"}[
+                callers], name
 
 
 def test_storaged_has_no_network_and_its_mounts_reach_the_host() -> None:
