@@ -150,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from shared import log
 
             log.configure("criopy", "warning", "auto")
+        if args.command in ("status", "restart", "reload") and os.geteuid() != 0:
+            sys.stderr.write(f"criopy: {args.command} must run as root: criopy run answers root alone\n")
+            return 1
         if args.command == "status":
             report = asyncio.run(_status(config))
             if args.json:

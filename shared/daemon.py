@@ -65,9 +65,10 @@ def run_service(name: str, config: Config, sources: ConfigSources) -> int:
                                  f"or with that identity ({target.describe()})")
     if as_root:
         layout.prepare(name, config)
-    # Held, through its open descriptor, until the process ends.
+    # Held, through its open descriptor, until the process ends. Its owner is the service's user,
+    # who may start it next time (systemd starts imaged as criopy-imaged); the frontend always starts as root.
     instance_lock.acquire(config.lock_file(name), f"criopy service {name}",
-                          owner=(target.uid, target.gid) if as_root else None)
+                          owner=(target.uid, target.gid) if as_root and not cls.bind_capabilities else None)
     if not cls.network:
         privileges.isolate_network()
     keeps = cls.declared_capabilities()

@@ -39,6 +39,18 @@ def test_the_accounts_exist_once_made_and_making_them_again_changes_nothing(conf
     assert frontend.pw_shell == "/usr/sbin/nologin" and pwd.getpwnam("criopy-imaged").pw_uid != 0
 
 
+def test_a_missing_user_is_made_with_its_services_group() -> None:
+    config = Config()
+    config.criopy.users.imaged = f"cpt-{os.getpid()}"
+    try:
+        assert accounts.ensure(config) == [config.criopy.users.imaged]
+        made = pwd.getpwnam(config.criopy.users.imaged)
+        assert made.pw_gid == grp.getgrnam("criopy-imaged").gr_gid and made.pw_uid < 1000
+        assert resolve(identity("imaged", config)).uid == made.pw_uid
+    finally:
+        subprocess.run(["userdel", config.criopy.users.imaged], capture_output=True)
+
+
 def test_no_group_is_shared_by_two_daemons_and_only_the_frontend_joins_theirs(config: Config) -> None:
     daemons = ("storaged", "imaged", "netd", "runtimed")
     held = {name: {identity(name, config).group, *identity(name, config).groups} for name in START_ORDER}
