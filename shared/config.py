@@ -51,6 +51,8 @@ class RuntimeHandler:
     runtime_root: str = _doc("Root directory of the runtime's state; empty: under runtimed's state.", default="")
     monitor_path: str = _doc("Path of the conmon binary that monitors each container.", default="/usr/bin/conmon")
     privileged_without_host_devices: bool = _doc("Privileged containers of this handler get no host devices.", default=False)
+    container_create_timeout: float = _doc(
+        "Seconds conmon and `runc create` may take to create a container; then both are killed.", default=240.0)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import signal
 import structlog
 import zmq.asyncio
 
-from shared import accounts, identities, instance_lock, layout, metrics, notify, privileges, tracing
+from shared import accounts, faults, identities, instance_lock, layout, metrics, notify, privileges, tracing
 from shared import log as logs
 from shared.bus.events import SPANS_TOPIC, EventPublisher
 from shared.bus.server import BusServer
@@ -86,6 +86,7 @@ def run_service(name: str, config: Config, sources: ConfigSources) -> int:
         kept = privileges.restrict_to(keeps | cls.bind_capabilities)
     logs.configure(name, config.criopy.log.level_of(name, config.crio.runtime.log_level), config.criopy.log.log_format)
     tracing.configure(name, config.crio.tracing, relayed=not cls.network)
+    faults.arm(os.environ)
     metrics.SERVICE_RESTARTS.inc(int(restarts) if restarts.isdigit() else 0)
     log.info("service_starting", capabilities=sorted(kept), identity=target.describe())
     try:

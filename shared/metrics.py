@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -219,15 +219,29 @@ CRIO_RESOURCES_STALLED = _crio("frontend", Counter(
 CRIO_PROCESSES_DEFUNCT = (CRIO_PREFIX + "processes_defunct", "Total number of defunct processes in the node")
 
 
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def labelled(family: Counter | Gauge | Histogram, *values: str) -> Any:
+    """`family.labels(*values)`, looked up once: labels() checks and locks on every call, and the
+    per-call families are touched several times by every CRI call. Not for families whose
+    series are removed (the kept child would outlive its removal)."""
+    key = (family, values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = family.labels(*values)
+    return child
+
+
 def observe_operation(operation: str, code: str, seconds: float) -> None:
     """A CRI call answered with `code` ("OK" or a gRPC code name) after `seconds`."""
-    OPERATIONS.labels(operation, code).inc()
-    OPERATION_LATENCY.labels(operation).observe(seconds)
-    CRIO_OPERATIONS.labels(operation).inc()
-    CRIO_OPERATIONS_LATENCY.labels(operation).set(seconds)
+    labelled(OPERATIONS, operation, code).inc()
+    labelled(OPERATION_LATENCY, operation).observe(seconds)
+    labelled(CRIO_OPERATIONS, operation).inc()
+    labelled(CRIO_OPERATIONS_LATENCY, operation).set(seconds)
     CRIO_OPERATIONS_LATENCY_TOTAL.observe(operation, seconds)
     if code != "OK":
-        CRIO_OPERATIONS_ERRORS.labels(operation).inc()
+        labelled(CRIO_OPERATIONS_ERRORS, operation).inc()
 
 
 _SIZE_BUCKETS = ((10e9, ">10 GiB"), (1e9, ">1 GiB"), (500e6, ">500 MiB"), (400e6, ">400 MiB"),

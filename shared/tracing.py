@@ -3,7 +3,9 @@
 The frontend opens a span per CRI call; the bus client injects its W3C
 `traceparent` into each request and the daemon continues the trace from it,
 so one CRI call is one trace across processes. Spans always exist (log lines
-carry their trace id); they leave the process only when tracing is enabled:
+carry their trace id), but only record (attributes, events, timings) when
+tracing is enabled, since a recorded span costs several times a bare one on
+every call; they leave the process only when tracing is enabled:
 `console` writes one JSON object per span to stdout, `otlp` sends them to
 a collector over gRPC (needs the `otlp` extra: opentelemetry-exporter-otlp-proto-grpc).
 """
@@ -21,7 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor,
                                             SpanExporter, SpanExportResult)
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, SamplingResult, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared.config import TracingConfig
@@ -60,12 +62,15 @@ class _Switchable(SpanProcessor, Sampler):
         return self.processor.force_flush(timeout_millis) if self.processor is not None else True
 
     def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        if self.processor is None:
+            return _NOT_RECORDED  # nothing would export the span: keep only its ids
         return self.sampler.should_sample(*args, **kwargs)
 
     def get_description(self) -> str:
         return f"criopy({self.sampler.get_description()})"
 
 
+_NOT_RECORDED = SamplingResult(Decision.DROP)
 _switch = _Switchable()
 
 
@@ -139,8 +144,16 @@ def configure(service: str, settings: TracingConfig, *, relayed: bool | None = N
         trace.set_tracer_provider(_provider)
 
 
+_tracers: dict[str, trace.Tracer] = {}
+
+
 def tracer(name: str = "criopy") -> trace.Tracer:
-    return trace.get_tracer(name)
+    # Looked up once per name: get_tracer builds a new tracer on every call. One made before
+    # `configure` is OpenTelemetry's proxy, which follows the provider once it is set.
+    found = _tracers.get(name)
+    if found is None:
+        found = _tracers[name] = trace.get_tracer(name)
+    return found
 
 
 def current_traceparent() -> str | None:

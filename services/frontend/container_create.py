@@ -29,7 +29,8 @@ async def create_container(request: api_pb2.CreateContainerRequest,
     key = f"container {request.pod_sandbox_id}/{config.metadata.name}/{config.metadata.attempt}"
     note_if_stalled(key)
     reserved = await call.daemon("runtimed", "reserve_container", sandbox_id=request.pod_sandbox_id,
-                                 config=to_dict(config), timeout=remaining(call), token=call.request_id)
+                                 config=to_dict(config), timeout=remaining(call), token=call.request_id,
+                                 holder=call.daemons.instance)
     container_id = reserved["id"]
     if not reserved["created"]:
         return api_pb2.CreateContainerResponse(container_id=container_id)

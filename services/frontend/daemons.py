@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
 import zmq.asyncio
 
 from services.frontend.event_hub import EventHub
+from shared import faults
 from shared.bus.client import BusClient
 from shared.config import Config
 from shared.services import DAEMONS
@@ -18,6 +20,9 @@ class Daemons:
 
     def __init__(self, config: Config, context: zmq.asyncio.Context) -> None:
         self.config = config
+        # This frontend process's name, which runtimed's reservations carry: those of
+        # another name were left by a frontend that died (see runtimed's reservations.py).
+        self.instance = secrets.token_hex(8)
         # Their events (runtimed's, for GetContainerEvents), fanned out to CRI clients.
         self.events = EventHub(config, context)
         self.clients: dict[str, BusClient] = {name: BusClient.for_service(config, name, context) for name in DAEMONS}
@@ -33,7 +38,9 @@ class Daemons:
             await client.close()
 
     async def call(self, daemon: str, method: str, *, deadline: float, **params: Any) -> Any:
-        return await self.clients[daemon].call(method, deadline=deadline, **params)
+        result = await self.clients[daemon].call(method, deadline=deadline, **params)
+        faults.point(f"frontend.after.{daemon}.{method}")
+        return result
 
     async def health(self, daemon: str) -> dict[str, Any]:
         """The daemon's health, waiting at most the configured probe timeout."""

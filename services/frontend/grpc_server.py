@@ -11,7 +11,6 @@ import asyncio
 import inspect
 import os
 import time
-import uuid
 from functools import partial
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ from shared import identities, metrics, tracing
 from shared.bus import ipc
 from shared.config import Config
 from shared.errors import CriopyError, Internal, Unimplemented
-from shared.log import bind_request
+from shared.log import bind_request, debug_enabled
 
 log = structlog.get_logger(__name__)
 
@@ -42,12 +41,15 @@ _SERVICES = {
 }
 
 
-def _ids(request: Any) -> dict[str, str]:
-    """The pod and container ids a request names, for its log lines."""
+_ID_FIELDS = ("pod_sandbox_id", "container_id")
+
+
+def _ids(request: Any, fields: tuple[str, ...]) -> dict[str, str]:
+    """The pod and container ids a request names (of `fields`, those its type has), for its log lines."""
     ids = {}
-    for name in ("pod_sandbox_id", "container_id"):
-        value = getattr(request, name, "")
-        if isinstance(value, str) and value:
+    for name in fields:
+        value = getattr(request, name)
+        if value:
             ids[name] = value
     return ids
 
@@ -63,18 +65,19 @@ class _Wrapper:
             remaining = self.config.criopy.bus.default_timeout
         else:
             remaining = max(0.0, remaining - min(DEADLINE_MARGIN, remaining * 0.1))
-        return CallContext(self.daemons, self.config, time.time() + remaining, uuid.uuid4().hex[:16], grpc_context)
+        return CallContext(self.daemons, self.config, time.time() + remaining, os.urandom(8).hex(), grpc_context)
 
-    def unary(self, full_name: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+    def unary(self, full_name: str, handler: Callable[..., Any], id_fields: tuple[str, ...]) -> Callable[..., Any]:
         operation = full_name.split("/")[1]
+        span_name = f"/runtime.v1.{full_name}"
+        attributes = {"rpc.system": "grpc", "rpc.method": full_name}
 
         async def method(_servicer: Any, request: Any, grpc_context: grpc.aio.ServicerContext) -> Any:
             call = self._context(grpc_context)
             error: CriopyError | None = None
-            with bind_request(call.request_id, cri_method=full_name, **_ids(request)), \
+            with bind_request(call.request_id, cri_method=full_name, **_ids(request, id_fields)), \
                     tracing.tracer(__name__).start_as_current_span(
-                        f"/runtime.v1.{full_name}", kind=trace.SpanKind.SERVER,
-                        attributes={"rpc.system": "grpc", "rpc.method": full_name}) as span:
+                        span_name, kind=trace.SpanKind.SERVER, attributes=attributes) as span:
                 started = time.monotonic()
                 try:
                     response = await handler(request, call)
@@ -95,7 +98,8 @@ class _Wrapper:
                 elapsed_ms = round(elapsed * 1000, 3)
                 metrics.observe_operation(operation, error.code if error else "OK", elapsed)
                 if error is None:
-                    log.debug("cri_call", duration_ms=elapsed_ms, code="OK")
+                    if debug_enabled():
+                        log.debug("cri_call", duration_ms=elapsed_ms, code="OK")
                     return response
                 span.set_attribute("rpc.grpc.status_code", status_code(error).value[0])
                 log.info("cri_call_failed", duration_ms=elapsed_ms, code=error.code, error=error.message)
@@ -144,7 +148,8 @@ def build_servicers(daemons: Any, config: Config) -> list[tuple[Any, Callable[[A
                     handler = partial(route_to_owner, m.name)
                 elif inspect.isasyncgenfunction(handler):
                     raise TypeError(f"{m.name} is unary but its handler is a generator")
-                methods[m.name] = wrapper.unary(full_name, handler)
+                id_fields = tuple(f for f in _ID_FIELDS if f in m.input_type.fields_by_name)
+                methods[m.name] = wrapper.unary(full_name, handler, id_fields)
         servicer_cls = type(f"Criopy{service_name}", (base,), methods)
         servicers.append((servicer_cls(), add_to_server))
     return servicers

@@ -13,11 +13,15 @@ from shared.errors import CriopyError
 from shared.version import KUBE_API_VERSION, RUNTIME_API_VERSION, RUNTIME_NAME, VERSION
 
 
+# The same for the life of the process; gRPC only reads a response it is given.
+_VERSION = api_pb2.VersionResponse(
+    version=KUBE_API_VERSION, runtime_name=RUNTIME_NAME,
+    runtime_version=VERSION, runtime_api_version=RUNTIME_API_VERSION)
+
+
 @cri_method("Version")
 async def version(_request: api_pb2.VersionRequest, _call: CallContext) -> api_pb2.VersionResponse:
-    return api_pb2.VersionResponse(
-        version=KUBE_API_VERSION, runtime_name=RUNTIME_NAME,
-        runtime_version=VERSION, runtime_api_version=RUNTIME_API_VERSION)
+    return _VERSION
 
 
 async def _health(call: CallContext, daemon: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ async def run_pod_sandbox(request: api_pb2.RunPodSandboxRequest, call: CallConte
     note_if_stalled(key)
     reserved = await call.daemon("runtimed", "reserve_sandbox", config=to_dict(config),
                                  runtime_handler=request.runtime_handler, timeout=remaining(call),
-                                 token=call.request_id)
+                                 token=call.request_id, holder=call.daemons.instance)
     pod_id = reserved["id"]
     if not reserved["created"]:
         return api_pb2.RunPodSandboxResponse(pod_sandbox_id=pod_id)

@@ -7,9 +7,12 @@ daemon's group, with no capability at all.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import zmq.asyncio
 
+from services.frontend import abandoned
 from services.frontend.daemons import Daemons
 from services.frontend.grpc_server import bind_server
 from services.frontend.metrics_endpoint import MetricsEndpoint
@@ -30,6 +33,7 @@ class Frontend(Service):
     _grpc: grpc.aio.Server | None = None
     _metrics: MetricsEndpoint | None = None
     daemons: Daemons | None = None
+    _recovery: asyncio.Task[None] | None = None
     span_relay: SpanRelay | None = None
 
     async def bind(self) -> None:
@@ -41,6 +45,8 @@ class Frontend(Service):
     async def start(self) -> None:
         assert self.daemons is not None and self._grpc is not None
         self.daemons.connect()
+        # What a frontend killed mid-call left half done (runs while calls are served).
+        self._recovery = asyncio.create_task(abandoned.recover(self.daemons), name="recover-abandoned")
         self.span_relay = SpanRelay(self.config, self._context)
         self.span_relay.start()
         # Listening from the start, as CRI-O's, so the first exec gets no extra delay.
@@ -61,6 +67,9 @@ class Frontend(Service):
             await self._start_metrics()
 
     async def stop(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         if self._metrics is not None:
             await self._metrics.close()
         if self._grpc is not None:

@@ -18,6 +18,7 @@ from services.netd.cni_config import InvalidNetworkConfig, NetworkList, parse_ne
 from services.netd.cni_network import AddFailed, CniRunner, RuntimeConf
 from services.netd.cni_watch import ConfigWatcher
 from services.netd.records import ATTACHED, ATTACHING, DETACHING, PodRecord, RecordStore
+from shared import faults
 from shared.bus.api import NETD
 from shared.bus.service import Service, method
 from shared.config import Config
@@ -167,7 +168,9 @@ class Netd(Service):
         rt = self._runtime_conf(record)
         try:
             await self._create_netns(Path(record.netns_path))
+            faults.point("netd.attach.after_netns")
             result = await self._runner.add(network, rt)
+            faults.point("netd.attach.after_cni_add")
             await asyncio.to_thread(self._cache.save, CachedAttachment(
                 network_name=network.name, container_id=pod_id, ifname=record.ifname, config=network.raw,
                 cni_args=record.cni_args, capability_args=record.capability_args, result=result))
@@ -231,6 +234,7 @@ class Netd(Service):
                 # Spec: DEL without a namespace still frees what lives outside it (IPAM, iptables).
                 rt = RuntimeConf(rt.container_id, "", rt.ifname, rt.args, rt.capability_args)
             await self._runner.delete(network, rt, prev_result)
+            faults.point("netd.detach.after_cni_del")
             await asyncio.to_thread(self._cache.remove, record.network_name, record.pod_id, record.ifname)
         await netns.remove(Path(record.netns_path))
         await asyncio.to_thread(self._records.remove, record.pod_id)

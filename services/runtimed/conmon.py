@@ -30,7 +30,6 @@ from shared.errors import DeadlineExceeded, Internal
 
 log = structlog.get_logger(__name__)
 
-CREATE_TIMEOUT = 120.0
 # How long a conmon may take to end after its container was deleted.
 GONE_TIMEOUT = 10.0
 _CTL_REOPEN_LOG = 2
@@ -108,11 +107,11 @@ class Started:
     conmon_pid: int
 
 
-async def start(spec: ConmonSpec, *, cgroup_procs: list[str] | None = None,
-                timeout: float = CREATE_TIMEOUT) -> Started:
+async def start(spec: ConmonSpec, *, timeout: float, cgroup_procs: list[str] | None = None) -> Started:
     """Start conmon, which creates the container with runc; return the pids.
 
-    `cgroup_procs`: cgroup.procs files conmon is moved into before it starts work.
+    `cgroup_procs`: cgroup.procs files conmon is moved into before it starts work. When the
+    creation fails, times out or is cancelled, conmon and whatever it started are killed.
     """
     with tracing.tracer(__name__).start_as_current_span(
             "conmon create", attributes={"criopy.container_id": spec.container_id}):
@@ -146,34 +145,51 @@ async def _start(spec: ConmonSpec, cgroup_procs: list[str] | None, timeout: floa
         os.close(sync_w)
         os.close(start_r)
     try:
-        for procs in cgroup_procs or []:
-            _join_cgroup(procs, proc.pid)
-        os.write(start_w, b"\0")
-        os.close(start_w)
-        start_w = -1
         try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except asyncio.TimeoutError:
-            await programs.kill_and_reap(proc)
-            raise DeadlineExceeded(f"conmon did not start within {timeout:g}s") from None
-        if proc.returncode != 0:
-            detail = _tail(os.path.join(spec.bundle, "conmon.log"))
-            raise Internal(f"conmon exited with status {proc.returncode}: {detail}")
-        message = await asyncio.wait_for(_read_sync(sync.reader), timeout)
-    except asyncio.TimeoutError:
-        raise DeadlineExceeded(f"container {spec.container_id} was not created within {timeout:g}s") from None
-    finally:
-        if start_w >= 0:
+            for procs in cgroup_procs or []:
+                _join_cgroup(procs, proc.pid)
+            os.write(start_w, b"\0")
             os.close(start_w)
-        sync.transport.close()
-    pid = message.get("data", message.get("pid", -1))
-    if not isinstance(pid, int) or pid <= 0:
-        text = str(message.get("message") or "no reason given")
-        raise Internal(f"creating container {spec.container_id}: {text.strip()}")
-    conmon_pid = read_pidfile(spec.conmon_pidfile)
-    if conmon_pid is None:
-        raise Internal(f"conmon of {spec.container_id} wrote no pid file")
+            start_w = -1
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+                if proc.returncode != 0:
+                    detail = _tail(os.path.join(spec.bundle, "conmon.log"))
+                    raise Internal(f"conmon exited with status {proc.returncode}: {detail}")
+                message = await _read_sync(sync.reader)
+        except TimeoutError:
+            if proc.returncode is None:
+                raise DeadlineExceeded(f"conmon did not start within {timeout:g}s") from None
+            raise DeadlineExceeded(f"container {spec.container_id} was not created within {timeout:g}s "
+                                   "(conmon and runc were killed)") from None
+        finally:
+            if start_w >= 0:
+                os.close(start_w)
+            sync.transport.close()
+        pid = message.get("data", message.get("pid", -1))
+        if not isinstance(pid, int) or pid <= 0:
+            text = str(message.get("message") or "no reason given")
+            raise Internal(f"creating container {spec.container_id}: {text.strip()}")
+        conmon_pid = read_pidfile(spec.conmon_pidfile)
+        if conmon_pid is None:
+            raise Internal(f"conmon of {spec.container_id} wrote no pid file")
+    except BaseException:
+        await _kill(proc, spec.conmon_pidfile)
+        raise
     return Started(container_pid=pid, conmon_pid=conmon_pid)
+
+
+async def _kill(proc: asyncio.subprocess.Process, conmon_pidfile: str) -> None:
+    """Kill a conmon whose creation failed or was given up on, with the `runc create` it runs.
+
+    The process we started ends once conmon has forked; the conmon that goes on leads a
+    session of its own (its pid in the pid file), where runc and its helpers run too.
+    """
+    await programs.kill_and_reap(proc)
+    monitor = read_pidfile(conmon_pidfile)
+    if monitor:
+        programs.kill_group(monitor)
+        await wait_gone(monitor, None, timeout=programs.REAP_TIMEOUT)
 
 
 @dataclass

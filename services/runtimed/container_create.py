@@ -20,6 +20,7 @@ from services.runtimed import cgroups, conmon, container_remove, infra, process,
 from services.runtimed.context import Context
 from services.runtimed.paths import confined_relative
 from services.runtimed.records import CONTAINER_STATES, CONTAINERS
+from shared import faults
 from shared.errors import FailedPrecondition
 
 log = structlog.get_logger(__name__)
@@ -141,7 +142,8 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
                 stdin=bool(cfg.get("stdin")), stdin_once=bool(cfg.get("stdin_once")),
                 log_size_max=ctx.rc.log_size_max, log_level=ctx.rc.log_level,
                 systemd_cgroup=ctx.systemd)
-            started = await conmon.start(conmon_spec, cgroup_procs=procs)
+            started = await conmon.start(conmon_spec, cgroup_procs=procs, timeout=handler.container_create_timeout)
+            faults.point("runtimed.create_container.after_conmon")
         except BaseException:
             await undo(ctx, rec)
             await records.back_to_reserved(CONTAINERS, rec)
@@ -150,9 +152,10 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
                    pid_start=process.process_start_time(started.container_pid),
                    conmon_pid=started.conmon_pid, conmon_start=process.process_start_time(started.conmon_pid),
                    created_at=time.time_ns())
+        # Told as the record changes (see exits.mark_exited), before an await lets an exit in.
+        ctx.events.emit("container", "created", rec["id"], rec["sandbox_id"])
         await records.save_container(rec)
     await records.notify()
-    ctx.events.emit("container", "created", rec["id"], rec["sandbox_id"])
     log.info("container_created", container_id=rec["id"], name=rec["name"])
     return {"id": rec["id"]}
 

@@ -47,28 +47,35 @@ async def exec_sync(ctx: Context, container_id: str, cmd: list, timeout: float) 
         err_task = asyncio.ensure_future(_read_limited(proc.stderr))
         try:
             await asyncio.wait_for(proc.wait(), timeout if timeout and timeout > 0 else None)
-        except asyncio.TimeoutError:
-            # The command runs in the container, not under runc: kill it by its own pid.
-            pid = conmon.read_pidfile(pid_file)
-            if pid:
-                try:
-                    os.kill(pid, signals.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                await asyncio.wait_for(proc.wait(), KILL_WAIT)
-            except asyncio.TimeoutError:
-                os.killpg(proc.pid, signals.SIGKILL)
-                await proc.wait()
+        except BaseException as e:
+            # Timed out, or the caller's deadline passed (cancelled): nobody waits for it any more.
+            await _end(proc, pid_file)
             out_task.cancel()
             err_task.cancel()
-            raise DeadlineExceeded(f"command {cmd[0]!r} timed out after {timeout:g}s") from None
+            if isinstance(e, asyncio.TimeoutError):
+                raise DeadlineExceeded(f"command {cmd[0]!r} timed out after {timeout:g}s") from None
+            raise
         stdout = await out_task
         stderr = await err_task
     finally:
         unlink_quiet(process_file)
         unlink_quiet(pid_file)
     return {"stdout": stdout, "stderr": stderr, "exit_code": proc.returncode}
+
+
+async def _end(proc: asyncio.subprocess.Process, pid_file: str) -> None:
+    """Kill an exec's command (it runs in the container, not under runc: by its own pid), then runc."""
+    pid = conmon.read_pidfile(pid_file)
+    if pid:
+        try:
+            os.kill(pid, signals.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        await asyncio.wait_for(proc.wait(), KILL_WAIT)
+    except asyncio.TimeoutError:
+        os.killpg(proc.pid, signals.SIGKILL)
+        await proc.wait()
 
 
 async def _read_limited(stream: asyncio.StreamReader | None, limit: int = EXEC_OUTPUT_LIMIT) -> bytes:

@@ -13,6 +13,7 @@ from services.runtimed import cgroups, conmon, container_stop, exits
 from services.runtimed.context import Context
 from services.runtimed.disk_cleanup import unlink_quiet
 from services.runtimed.records import CONTAINERS
+from shared import faults
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +43,7 @@ async def remove_record(ctx: Context, rec: dict[str, Any]) -> None:
 async def finish_removal(ctx: Context, rec: dict[str, Any]) -> None:
     """Remove a container marked `removing` (also at start, for a removal a restart cut off)."""
     await ctx.runc(rec).delete(rec["id"], force=True)
+    faults.point("runtimed.remove_container.after_runc_delete")
     await conmon.wait_gone(rec.get("conmon_pid"), rec.get("conmon_start"))
     await remove_files(ctx, rec)
     await ctx.records.forget(CONTAINERS, rec)

@@ -7,6 +7,7 @@ from typing import Any
 
 from services.runtimed import exits
 from services.runtimed.context import Context
+from shared import faults
 from shared.errors import FailedPrecondition
 
 
@@ -21,8 +22,10 @@ async def start(ctx: Context, container_id: str) -> dict[str, Any]:
             raise FailedPrecondition(f"container {container_id} is {rec['state']}, not created")
         started_at = time.time_ns()
         await ctx.runc(rec).start(rec["id"])
+        faults.point("runtimed.start_container.after_runc_start")
         rec.update(state="running", started_at=started_at)
+        # Told as the record changes (see exits.mark_exited), before an await lets an exit in.
+        ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
         await records.save_container(rec)
-    ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
     await exits.refresh(ctx, rec)
     return {}

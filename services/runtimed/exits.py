@@ -71,11 +71,13 @@ async def mark_exited(ctx: Context, rec: dict[str, Any], code: int, *, finished_
                reason=reason, message=message, oom=oom)
     if not rec.get("started_at"):
         rec["started_at"] = 0
-    await ctx.records.save_container(rec)
+    # Told as the record changes, before the save's await lets another call (a removal) move
+    # it on: the event then carries the status that readers of the record saw.
     log.info("container_exited", container_id=rec["id"], exit_code=code, reason=reason)
     if oom:
         ctx.events.emit("container", "oom", rec["id"], rec["sandbox_id"], name=rec["name"])
     ctx.events.emit("container", "exited", rec["id"], rec["sandbox_id"], exit_code=code)
+    await ctx.records.save_container(rec)
 
 
 async def running(ctx: Context, container_id: str) -> dict[str, Any]:

@@ -87,11 +87,12 @@ async def start(ctx: Context, rec: dict[str, Any]) -> None:
     rec["infra"] = {"bundle": bundle, "pid": 0}
     await ctx.records.save_sandbox(rec)
     runc = ctx.runc(rec)
+    handler = ctx.handler(rec["runtime_handler"])
     started = await conmon.start(conmon.ConmonSpec(
         container_id=rec["id"], name=rec["name"], bundle=bundle, log_path=os.path.join(rec["dir"], "infra.log"),
         exit_dir=ctx.exit_dir, socket_dir=ctx.attach_dir, persist_dir=os.path.join(bundle, "persist"),
-        runc=runc, monitor_path=ctx.handler(rec["runtime_handler"]).monitor_path,
-        log_level=ctx.rc.log_level, systemd_cgroup=ctx.systemd))
+        runc=runc, monitor_path=handler.monitor_path,
+        log_level=ctx.rc.log_level, systemd_cgroup=ctx.systemd), timeout=handler.container_create_timeout)
     rec["infra"].update(pid=started.container_pid, pid_start=process.process_start_time(started.container_pid),
                         conmon_pid=started.conmon_pid, conmon_start=process.process_start_time(started.conmon_pid))
     await ctx.records.save_sandbox(rec)

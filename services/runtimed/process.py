@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def pid_alive(pid: int) -> bool:
     """Whether a process exists (zombies count as gone)."""
@@ -20,3 +22,16 @@ def process_start_time(pid: int) -> int | None:
             return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def start_unix_time(pid: int) -> float | None:
+    """When a process started, as a unix time (from its start in ticks and the boot time)."""
+    ticks = process_start_time(pid)
+    if ticks is None:
+        return None
+    try:
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")

@@ -2,7 +2,8 @@
 
 A pod or container being made is undone (back to reserved: the frontend's
 retry makes it again), unless its container was in fact created, which is
-then finished; a removal is finished; an exit while runtimed was down is read
+then finished; a container started just before the restart is recorded
+running; a removal is finished; an exit while runtimed was down is read
 from conmon's exit file (or, when conmon died too, recorded as an error); a
 runc container no record knows is deleted.
 """
@@ -41,6 +42,8 @@ async def reconcile(ctx: Context) -> None:
             await container_remove.finish_removal(ctx, rec)
         elif state in exits.LIVE:
             await exits.refresh(ctx, rec)
+            if rec["state"] == "created":
+                await _reconcile_started(ctx, rec)
             if rec["state"] in exits.LIVE and not exits.conmon_alive(rec):
                 exits.note_monitor_gone(rec)
                 st = await ctx.runc(rec).state(rec["id"])
@@ -68,6 +71,18 @@ async def _reconcile_creating(ctx: Context, rec: dict[str, Any]) -> None:
     log.info("container_undo_in_flight", container_id=rec["id"])
     await container_create.undo(ctx, rec)
     rec["state"] = "reserved"
+    await ctx.records.save_container(rec)
+
+
+async def _reconcile_started(ctx: Context, rec: dict[str, Any]) -> None:
+    """A start cut off by a restart after `runc start`: the record says created, the container runs."""
+    st = await ctx.runc(rec).state(rec["id"])
+    if st is None or st.get("status") != "running":
+        return
+    rec.update(state="running", started_at=time.time_ns())
+    log.info("container_start_finished_after_restart", container_id=rec["id"])
+    # Told as the record changes (see exits.mark_exited).
+    ctx.events.emit("container", "started", rec["id"], rec["sandbox_id"])
     await ctx.records.save_container(rec)
 
 

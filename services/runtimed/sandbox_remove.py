@@ -9,6 +9,7 @@ import structlog
 from services.runtimed import container_remove, sandbox_run
 from services.runtimed.context import Context
 from services.runtimed.records import SANDBOXES
+from shared import faults
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +25,7 @@ async def remove(ctx: Context, sandbox_id: str) -> dict[str, Any]:
     for c in records.containers_of(rec["id"]):
         await container_remove.remove_record(ctx, c)
         removed.append(c["id"])
+    faults.point("runtimed.remove_sandbox.after_containers")
     async with records.lock(rec["id"]):
         if rec["id"] in records.sandboxes:
             rec["state"] = "removing"
@@ -36,6 +38,7 @@ async def remove(ctx: Context, sandbox_id: str) -> dict[str, Any]:
 async def finish_removal(ctx: Context, rec: dict[str, Any]) -> None:
     """Remove a pod marked `removing` (also at start, for a removal a restart cut off)."""
     await sandbox_run.teardown(ctx, rec, remove=True)
+    faults.point("runtimed.remove_sandbox.after_teardown")
     await ctx.records.forget(SANDBOXES, rec)
     ctx.events.emit("sandbox", "removed", rec["id"], rec["id"])
     log.info("sandbox_removed", sandbox_id=rec["id"])

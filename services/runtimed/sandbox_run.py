@@ -18,6 +18,7 @@ from services.runtimed import cgroups, infra, namespaces, podfiles, spec_values
 from services.runtimed.context import Context
 from services.runtimed.disk_cleanup import rmtree_unmounting, unmount_quiet
 from services.runtimed.records import SANDBOX_STATES, SANDBOXES
+from shared import faults
 from shared.errors import FailedPrecondition, Internal, InvalidArgument
 from shared.mounts import MS_NODEV, MS_NOEXEC, MS_NOSUID, mount
 
@@ -40,6 +41,7 @@ async def create(ctx: Context, sandbox_id: str, netns_path: str | None, ips: lis
             raise InvalidArgument(f"network namespace {netns_path} does not exist")
         rec.update(state="creating", netns_path=netns_path, ips=list(ips or []))
         await records.save_sandbox(rec)
+        faults.point("runtimed.create_sandbox.after_record")
         try:
             await _setup(ctx, rec)
         except BaseException:
@@ -120,6 +122,7 @@ async def _setup(ctx: Context, rec: dict[str, Any]) -> None:
     await ctx.records.save_sandbox(rec)
     await namespaces.pin(ipc_path=rec["ipc_ns_path"], uts_path=rec["uts_ns_path"], hostname=hostname,
                          sysctls=sysctls, netns=rec.get("netns_path"))
+    faults.point("runtimed.create_sandbox.after_namespaces")
     if rec["shm_path"]:
         os.makedirs(rec["shm_path"], mode=0o755, exist_ok=True)
         try:
@@ -139,6 +142,7 @@ async def _setup(ctx: Context, rec: dict[str, Any]) -> None:
         cgroups.create(parent)
     if pid_mode == "POD":
         await infra.start(ctx, rec)
+        faults.point("runtimed.create_sandbox.after_infra")
 
 
 async def teardown(ctx: Context, rec: dict[str, Any], *, remove: bool) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from services.runtimed import container_stop, exits, sandbox_run
 from services.runtimed.context import Context
 from services.runtimed.records import SANDBOX_STATES
+from shared import faults
 
 
 async def stop(ctx: Context, sandbox_id: str) -> dict[str, Any]:
@@ -19,6 +20,7 @@ async def stop(ctx: Context, sandbox_id: str) -> dict[str, Any]:
     for c in records.containers_of(rec["id"]):
         if c["state"] in exits.LIVE:
             await container_stop.stop_record(ctx, c, 0)
+    faults.point("runtimed.stop_sandbox.after_containers")
     async with records.lock(rec["id"]):
         if rec["state"] not in SANDBOX_STATES:
             return {"id": rec["id"]}

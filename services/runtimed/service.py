@@ -21,7 +21,7 @@ from typing import Any, Callable
 import structlog
 
 from services.runtimed import (checkpoint, container_create, container_exec, container_log, container_remove,
-                               container_start, container_stop, exit_watcher, reconcile, reservations,
+                               container_start, container_stop, exec_leftovers, exit_watcher, reconcile, reservations,
                                resource_updates, runc, sandbox_remove, sandbox_run, sandbox_stop, stats, status)
 from services.runtimed.context import Context
 from services.runtimed.event_publisher import EventPublisher
@@ -80,6 +80,7 @@ class Runtimed(Service):
         self._event_publisher.attach()
         ctx.events.subscribe(_count_oom_kills)
         await reconcile.reconcile(ctx)
+        await exec_leftovers.end_leftover_execs(ctx)
         self._watcher = asyncio.create_task(exit_watcher.watch(ctx), name="runtimed-exit-watcher")
         self.ready = True
         log.info("runtimed_started", sandboxes=len(self.sandboxes), containers=len(self.containers))
@@ -127,9 +128,9 @@ class Runtimed(Service):
 
     @method
     async def reserve_sandbox(self, config: dict, runtime_handler: str = "", timeout: float = 30.0,
-                              token: str = "") -> dict:
+                              token: str = "", holder: str = "") -> dict:
         """Hold the pod's name; a retry of a pod still being made waits for it and gets its id."""
-        return await reservations.reserve_sandbox(self.ctx, config, runtime_handler, timeout, token)
+        return await reservations.reserve_sandbox(self.ctx, config, runtime_handler, timeout, token, holder)
 
     @method
     async def create_sandbox(self, sandbox_id: str, netns_path: str | None = None,
@@ -166,13 +167,23 @@ class Runtimed(Service):
         """Apply pod-level limits to the pod's own cgroup (cgroupfs driver)."""
         return await resource_updates.update_sandbox(self.ctx, sandbox_id, resources, overhead)
 
+    @method
+    async def take_over_reservations(self, holder: str) -> dict:
+        """Reservations of frontends that are gone, handed to `holder` to undo (reservations.py)."""
+        return await reservations.take_over_abandoned(self.ctx, holder)
+
+    @method
+    async def record_ids(self) -> dict:
+        """The id of every pod and container runtimed keeps a record of, in any state."""
+        return {"sandboxes": list(self.sandboxes), "containers": list(self.containers)}
+
     # -- containers (container_create.py, container_start.py, container_stop.py, container_remove.py) --
 
     @method
     async def reserve_container(self, sandbox_id: str, config: dict, timeout: float = 30.0,
-                                token: str = "") -> dict:
+                                token: str = "", holder: str = "") -> dict:
         """Hold the container's name in its pod; a retry of a create in progress waits for it."""
-        return await reservations.reserve_container(self.ctx, sandbox_id, config, timeout, token)
+        return await reservations.reserve_container(self.ctx, sandbox_id, config, timeout, token, holder)
 
     @method
     async def create_container(self, container_id: str, rootfs: str, image: dict | None = None,

@@ -15,7 +15,7 @@ from services.storaged.layer_store import LayerRecord, LayerStore
 from services.storaged.layer_unpacks import LayerUnpacks
 from services.storaged.rootfs_store import CREATED, RootfsRecord, RootfsStore, check_container_id
 from services.storaged.usage import measure, measure_all
-from shared import mountinfo, tracing
+from shared import faults, mountinfo, tracing
 from shared.bus.api import STORAGED
 from shared.bus.service import Service, method
 from shared.config import Config
@@ -221,6 +221,7 @@ class Storaged(Service):
                 del self._containers[container_id]
                 await asyncio.to_thread(self._rootfs.delete, container_id)
                 raise
+            faults.point("storaged.create_rootfs.after_mount")
             log.info("rootfs_created", container_id=container_id, top_layer=top_layer)
         elif not await self._is_mounted(container_id):
             await self._mount(record)
@@ -287,6 +288,7 @@ class Storaged(Service):
             await overlay.unmount(point)
         while await overlay.unmount(merged):
             pass  # stacked mounts
+        faults.point("storaged.remove_rootfs.after_unmount")
         await asyncio.to_thread(self._rootfs.delete, cid)
         del self._containers[cid]
         await asyncio.to_thread(self._drop_held)

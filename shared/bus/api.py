@@ -144,6 +144,8 @@ RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, metho
     "reserve_container": retried(FRONTEND),
     "create_container": retried(FRONTEND),
     "release_container": retried(FRONTEND),
+    "take_over_reservations": retried(FRONTEND),
+    "record_ids": retried(FRONTEND),
     "start_container": once(FRONTEND),
     "stop_container": retried(FRONTEND),
     "remove_container": retried(FRONTEND),

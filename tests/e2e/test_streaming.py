@@ -554,3 +554,54 @@ async def test_restarting_runtimed_ends_its_sessions(world: World, crash: bool) 
         assert json.loads(await s["error"].read_all())["status"] == "Success"
     finally:
         await client.close()
+
+
+async def test_execs_that_outlive_a_killed_runtimed_are_ended(world: World) -> None:
+    sync_marker, stream_marker = (str(60000 + secrets.randbelow(20000) + i) for i in (0, 20000))
+
+    def exec_sync() -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as failed:
+            world.stack.runtime.ExecSync(api_pb2.ExecSyncRequest(
+                container_id=world.worker, cmd=["sleep", sync_marker]), timeout=60)
+        return failed.value.code()
+
+    syncing = asyncio.ensure_future(asyncio.to_thread(exec_sync))
+    # A command that ignores the hangup runc passes on when runtimed dies.
+    client, s = await spdy_open(exec_url(world, ["sh", "-c", f"trap '' HUP; echo started; sleep {stream_marker}"],
+                                         stdin=True, stderr=False), stdin=True, stderr=False)
+    try:
+        await _read_until(s["stdout"], b"started\n")
+        for _ in range(100):
+            if _sleepers(sync_marker) and _sleepers(stream_marker):
+                break
+            await asyncio.sleep(0.05)
+        assert _sleepers(sync_marker) and _sleepers(stream_marker)
+        await asyncio.to_thread(_restart, world.stack, "runtimed", crash=True)
+        assert await syncing == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await client.close()
+    # The restarted runtimed found both and ended them, and left none of their files.
+    for _ in range(100):
+        if not _sleepers(sync_marker) and not _sleepers(stream_marker):
+            break
+        await asyncio.sleep(0.05)
+    assert _sleepers(sync_marker) == [] and _sleepers(stream_marker) == []
+    bundle = world.stack.dirs.root / "runtimed" / "containers" / world.worker
+    assert sorted(p.name for p in bundle.glob("exec-*")) == []
+    reply = await asyncio.to_thread(world.stack.runtime.ExecSync, api_pb2.ExecSyncRequest(
+        container_id=world.worker, cmd=["echo", "still serving"], timeout=10), timeout=30)
+    assert reply.stdout == b"still serving\n"
+
+
+def test_an_exec_sync_whose_caller_gave_up_is_ended(world: World) -> None:
+    marker = str(80000 + secrets.randbelow(10000))
+    # No timeout of its own: the command runs until the caller's deadline, then goes.
+    with pytest.raises(grpc.RpcError) as failed:
+        world.stack.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=world.worker, cmd=["sleep", marker]),
+                                     timeout=2)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if not _sleepers(marker):
+            break
+        time.sleep(0.05)
+    assert _sleepers(marker) == []

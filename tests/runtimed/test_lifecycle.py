@@ -166,3 +166,33 @@ async def test_reservation_token_lets_the_same_request_resume(runtimed, cgroup_p
     await runtimed.release_sandbox(sandbox_id=first["id"])
     fresh = await runtimed.reserve_sandbox(config=config, token="req-2")
     assert fresh["created"] and fresh["id"] != first["id"]
+
+
+async def test_a_reservation_outlives_no_frontend(runtimed, cgroup_parent):
+    import asyncio
+
+    from shared.errors import DeadlineExceeded
+    config = pod_config(cgroup_parent)
+    first = await runtimed.reserve_sandbox(config=config, token="req-1", holder="old")
+    # A retry through the same frontend waits for the request still at work...
+    with pytest.raises(DeadlineExceeded):
+        await runtimed.reserve_sandbox(config=config, token="req-2", holder="old", timeout=0.2)
+    # ...one through a new frontend (the old one died mid-call) takes the work over at once.
+    taken = await runtimed.reserve_sandbox(config=config, token="req-3", holder="new", timeout=0)
+    assert taken == {"id": first["id"], "state": "reserved", "created": True}
+
+    # What no retry took over, the new frontend is handed to undo, as often as it asks.
+    left = await runtimed.reserve_sandbox(config=pod_config(cgroup_parent, "left"), token="req-4", holder="old")
+    found = await runtimed.take_over_reservations(holder="new")
+    assert found == {"sandboxes": [left["id"]], "containers": [], "creating": 0}
+    assert await runtimed.take_over_reservations(holder="new") == found
+    # A retry of that pod meanwhile waits for the undo, then makes it anew.
+    retry = asyncio.create_task(runtimed.reserve_sandbox(config=runtimed.sandboxes[left["id"]]["config"],
+                                                         token="req-5", holder="new", timeout=20))
+    await asyncio.sleep(0.3)
+    assert not retry.done()
+    await runtimed.release_sandbox(sandbox_id=left["id"])
+    fresh = await retry
+    assert fresh["created"] and fresh["id"] != left["id"]
+    assert (await runtimed.take_over_reservations(holder="new"))["sandboxes"] == []
+    assert set((await runtimed.record_ids())["sandboxes"]) == {first["id"], fresh["id"]}

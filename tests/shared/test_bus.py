@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -15,14 +16,14 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from shared import errors, metrics
+from shared import errors, metrics, tracing
 from shared.bus.api import FRONTEND, ROOT, ServiceApi, once, retried
 from shared.bus.client import BusClient
 from shared.bus.envelope import PROTOCOL_VERSION, Request
 from shared.bus.ipc import SocketInUse
 from shared.bus.server import BusServer
 from shared.bus.service import Service, method
-from shared.config import Config
+from shared.config import Config, TracingConfig
 from tests.support.echo_daemon import Echo
 from tests.support.stack import REPO, short_tempdir
 
@@ -189,16 +190,33 @@ async def test_daemon_busy_until_the_deadline_is_deadline_exceeded(server: BusSe
         await client.call("busy_once", deadline=soon())
 
 
-async def test_call_waits_for_a_daemon_that_comes_up(endpoint: str, client: BusClient) -> None:
-    async def late_server() -> BusServer:
-        await asyncio.sleep(0.5)
-        srv = BusServer(Echo(Config()), endpoint, max_message_bytes=MAX_BYTES)
-        await srv.start()
-        return srv
+async def _late_server(endpoint: str, delay: float) -> BusServer:
+    await asyncio.sleep(delay)
+    srv = BusServer(Echo(Config()), endpoint, max_message_bytes=MAX_BYTES)
+    await srv.start()
+    return srv
 
-    starter = asyncio.create_task(late_server())
+
+async def test_call_waits_for_a_daemon_that_comes_up(endpoint: str, client: BusClient) -> None:
+    starter = asyncio.create_task(_late_server(endpoint, 0.5))
     assert await client.call("echo", deadline=soon(), value="late") == "late"
     await (await starter).close()
+
+
+async def test_the_call_span_counts_its_attempts(endpoint: str, client: BusClient,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    tracing.configure("test", TracingConfig(enable_tracing=True, tracing_exporter="console"))
+    try:
+        starter = asyncio.create_task(_late_server(endpoint, 0.3))
+        assert await client.call("echo", deadline=soon(), value="late") == "late"
+        assert await client.call("echo", deadline=soon(), value="again") == "again"
+        await (await starter).close()
+    finally:
+        tracing.configure("test", TracingConfig())
+    spans = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    attempts = [s["attributes"]["criopy.bus.attempts"] for s in spans if s["name"] == "bus echo.echo"]
+    assert len(attempts) == 2
+    assert attempts[0] > 1 and attempts[1] == 1
 
 
 async def test_concurrent_calls_are_served_concurrently(server: BusServer, client: BusClient) -> None:

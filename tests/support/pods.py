@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -56,6 +57,46 @@ def leftover_mounts(stack: Stack) -> list[str]:
             if m.mount_point.startswith(base) and m.mount_point != str(stack.dirs.netns)]
 
 
+def pod_network(stack: Stack) -> tuple[str, Path]:
+    """The bridge of a `bridge_stack`'s pod network, and the directory of its IP leases."""
+    conflist = json.loads((stack.dirs.cni / "10-pods.conflist").read_text())
+    bridge = conflist["plugins"][0]
+    return bridge["bridge"], Path(bridge["ipam"]["dataDir"]) / conflist["name"]
+
+
+def leftovers(stack: Stack, cgroup_parent: str) -> dict[str, list[str]]:
+    """What pods and containers leave on the machine, by kind; all empty when none is left."""
+    bridge, lease_dir = pod_network(stack)
+    links = subprocess.run(["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True).stdout
+    root = stack.dirs.root
+    return {
+        "mounts": leftover_mounts(stack),
+        "netns": sorted(p.name for p in stack.dirs.netns.iterdir()),
+        "veths": sorted(line.split(":")[1].strip() for line in links.splitlines()),
+        # host-local keeps one file per leased address (and `lock`, `last_reserved_ip.*`).
+        "ip_leases": sorted(p.name for p in lease_dir.glob("*") if p.name[0].isdigit()) if lease_dir.is_dir() else [],
+        "cgroups": sorted(str(d) for top in Path("/sys/fs/cgroup").glob(f"*{cgroup_parent}")
+                          for d in [top, *top.rglob("*")] if d.is_dir()),
+        "conmon": [str(p) for p in conmon_pids(stack.dirs.base)],
+        "runc": sorted(runc_ids(stack)),
+        "records": sorted(str(p.relative_to(root)) for pattern in (
+            "runtimed/records/*/*.json", "netd/pods/*", "storaged/rootfs/*") for p in root.glob(pattern)),
+    }
+
+
+def new_leftovers(stack: Stack, cgroup_parent: str, before: dict[str, list[str]],
+                  timeout: float = 30.0) -> dict[str, list[str]]:
+    """What `leftovers` finds beyond `before`, once background clean-up had `timeout` to run; {} when none."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = leftovers(stack, cgroup_parent)
+        extra = {kind: sorted(set(items) - set(before[kind])) for kind, items in now.items()}
+        extra = {kind: items for kind, items in extra.items() if items}
+        if not extra or time.monotonic() > deadline:
+            return extra
+        time.sleep(0.3)
+
+
 def remove_pods(stack: Stack) -> None:
     for pod in stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
         stack.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
@@ -71,7 +112,7 @@ def _remove_cgroups(cgroup_parent: str) -> None:
 
 @contextmanager
 def bridge_stack(prefix: str, cgroup_parent: str, *extra_flags: str,
-                 registry: Registry | None = None) -> Iterator[Stack]:
+                 registry: Registry | None = None, env: dict[str, str] | None = None) -> Iterator[Stack]:
     """All five services with a bridge CNI network of their own (a random bridge and subnet).
 
     On the way out every pod is removed through the CRI, then whatever a
@@ -92,7 +133,7 @@ def bridge_stack(prefix: str, cgroup_parent: str, *extra_flags: str,
         flags += ["--set", f"crio.image.insecure_registries={json.dumps([registry.host])}"]
     stack: Stack | None = None
     try:
-        stack = start_stack(dirs, *flags)
+        stack = start_stack(dirs, *flags, env=env)
         yield stack
     finally:
         try:

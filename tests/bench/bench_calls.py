@@ -1,0 +1,157 @@
+"""Per-call cost of the calls the kubelet makes every second, and the memory of the six processes.
+
+Starts crio-py (the supervisor and its five services) with a bridge CNI
+network, pulls a busybox image from a local docker-registry, and times, with
+a Python gRPC client on the CRI socket, one call after another: Version,
+Status, ListPodSandbox, ListContainers, PodSandboxStatus, ContainerStatus,
+ListImages, ImageStatus and ImageFsInfo. First with 3 pods, then with 100,
+each pod running one `sleep` container (pods are started in parallel).
+Prints p50 and p99 of each, and the RSS and PSS of each process (from
+/proc/<pid>/smaps_rollup) at idle and after the load.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from cri_api.v1 import api_pb2
+
+from tests.bench.bench_pods import percentile
+from tests.support.pods import bridge_stack, busybox_registry
+from tests.support.stack import Stack
+
+FEW, MANY = 3, 100
+CALLS = 400  # per method with few pods
+CALLS_MANY = 200  # per method with many pods (List* grow with them)
+WARMUP = 20
+PARALLEL_STARTS = 8
+
+
+def _start_pod(stack: Stack, image: str, cgroup_parent: str) -> tuple[str, str]:
+    name = f"bench-{secrets.token_hex(4)}"
+    pod = api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name=name, namespace="bench", uid=secrets.token_hex(8)),
+        hostname=name, labels={"app": "bench"},
+        linux=api_pb2.LinuxPodSandboxConfig(cgroup_parent=f"{cgroup_parent}/{name}"))
+    rt = stack.runtime
+    pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=120).pod_sandbox_id
+    container = api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="sleep"), image=api_pb2.ImageSpec(image=image),
+        command=["sleep", "3600"], log_path="sleep.log", labels={"app": "bench"})
+    cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
+        pod_sandbox_id=pod_id, config=container, sandbox_config=pod), timeout=120).container_id
+    rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=120)
+    return pod_id, cid
+
+
+def _start_pods(stack: Stack, image: str, cgroup_parent: str, count: int) -> list[tuple[str, str]]:
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL_STARTS) as pool:
+        futures = [pool.submit(_start_pod, stack, image, cgroup_parent) for _ in range(count)]
+        return [f.result() for f in futures]
+
+
+def _remove_pods(stack: Stack) -> None:
+    pods = stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL_STARTS) as pool:
+        for f in [pool.submit(stack.runtime.RemovePodSandbox,
+                              api_pb2.RemovePodSandboxRequest(pod_sandbox_id=p.id), timeout=120) for p in pods]:
+            f.result()
+
+
+def _calls(stack: Stack, image: str, pod_id: str, container_id: str) -> dict[str, Callable[[], object]]:
+    rt, im = stack.runtime, stack.images
+    return {
+        "Version": lambda: rt.Version(api_pb2.VersionRequest(), timeout=10),
+        "Status": lambda: rt.Status(api_pb2.StatusRequest(), timeout=10),
+        "ListPodSandbox": lambda: rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10),
+        "ListContainers": lambda: rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10),
+        "PodSandboxStatus": lambda: rt.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=10),
+        "ContainerStatus": lambda: rt.ContainerStatus(
+            api_pb2.ContainerStatusRequest(container_id=container_id), timeout=10),
+        "ListImages": lambda: im.ListImages(api_pb2.ListImagesRequest(), timeout=10),
+        "ImageStatus": lambda: im.ImageStatus(
+            api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=image)), timeout=10),
+        "ImageFsInfo": lambda: im.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10),
+    }
+
+
+def _measure(calls: dict[str, Callable[[], object]], count: int) -> dict[str, tuple[float, float]]:
+    """p50 and p99 of each call, in milliseconds."""
+    out = {}
+    for name, call in calls.items():
+        for _ in range(WARMUP):
+            call()
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        out[name] = (percentile(times, 50) * 1000, percentile(times, 99) * 1000)
+    return out
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """RSS and PSS of a process, in kB."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                fields[key] = int(rest.split()[0])
+    return fields["Rss"], fields["Pss"]
+
+
+def _processes(stack: Stack) -> dict[str, int]:
+    pids = {"supervisor": stack.process.pid}
+    pids.update({name: int(s["pid"]) for name, s in stack.status().items()})
+    return pids
+
+
+def _memory_table(idle: dict[str, tuple[int, int]], loaded: dict[str, tuple[int, int]]) -> list[str]:
+    lines = [f"{'process (MiB)':<14}{'RSS idle':>10}{'PSS idle':>10}{'RSS load':>10}{'PSS load':>10}"]
+    for name in idle:
+        (ri, pi), (rl, pl) = idle[name], loaded.get(name, (0, 0))
+        lines.append(f"{name:<14}{ri / 1024:>10.1f}{pi / 1024:>10.1f}{rl / 1024:>10.1f}{pl / 1024:>10.1f}")
+    total = [sum(v[i] for v in d.values()) / 1024 for d in (idle, loaded) for i in (0, 1)]
+    lines.append(f"{'total':<14}" + "".join(f"{t:>10.1f}" for t in total))
+    return lines
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-calls-"))
+    cgroup_parent = f"/criopy-bench-{secrets.token_hex(3)}"
+    try:
+        with busybox_registry(work / "registry", "bench/busybox") as (registry, image), \
+                bridge_stack("cpc-", cgroup_parent, registry=registry) as stack:
+            pids = _processes(stack)
+            idle = {name: _memory(pid) for name, pid in pids.items()}
+            stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
+            started = time.perf_counter()
+            pods = _start_pods(stack, image, cgroup_parent, FEW)
+            few = _measure(_calls(stack, image, *pods[0]), CALLS)
+            pods += _start_pods(stack, image, cgroup_parent, MANY - FEW)
+            setup_s = time.perf_counter() - started
+            many = _measure(_calls(stack, image, *pods[0]), CALLS_MANY)
+            loaded = {name: _memory(pid) for name, pid in pids.items()}
+            _remove_pods(stack)
+        lines = [f"{MANY} pods with one container each started in {setup_s:.1f} s ({PARALLEL_STARTS} at a time)",
+                 f"{'call (ms)':<18}{f'p50 {FEW}':>10}{f'p99 {FEW}':>10}{f'p50 {MANY}':>10}{f'p99 {MANY}':>10}"]
+        for name, (p50, p99) in few.items():
+            m50, m99 = many[name]
+            lines.append(f"{name:<18}{p50:>10.2f}{p99:>10.2f}{m50:>10.2f}{m99:>10.2f}")
+        lines += _memory_table(idle, loaded)
+        sys.stdout.write("\n".join(lines) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
