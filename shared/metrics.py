@@ -38,6 +38,14 @@ ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_cp
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# every process
+SERVICE_RESTARTS = Counter(
+    "criopy_service_restarts_total", "Times the supervisor restarted this service before this start.",
+    registry=REGISTRY)
+BUS_REFUSED = Counter(
+    "criopy_bus_refused_total", "Bus calls, event subscriptions and stream connections refused for their "
+    "caller's credentials, by kind and caller.", ["kind", "caller"], registry=REGISTRY)
+
 # frontend
 OPERATIONS = Counter(
     "criopy_operations_total", "CRI operations served, by method and gRPC code.",

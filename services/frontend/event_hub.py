@@ -28,21 +28,26 @@ class SlowClient(Exception):
 
 class EventHub:
     def __init__(self, config: Config, context: zmq.asyncio.Context) -> None:
-        self._subscriber = EventSubscriber(config.events_endpoint("runtimed"), context)
+        self._endpoint = config.events_endpoint("runtimed")
+        self._context = context
+        # Connected by `start`, once the frontend runs as its own user.
+        self._subscriber: EventSubscriber | None = None
         self._clients: set[asyncio.Queue[dict[str, Any] | SlowClient]] = set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._pump(), name="event-hub")
+        self._subscriber = EventSubscriber(self._endpoint, self._context)
+        self._task = asyncio.create_task(self._pump(self._subscriber), name="event-hub")
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._subscriber.close()
+        if self._subscriber is not None:
+            self._subscriber.close()
 
-    async def _pump(self) -> None:
-        async for topic, event in self._subscriber:
+    async def _pump(self, subscriber: EventSubscriber) -> None:
+        async for topic, event in subscriber:
             event = {**event, "topic": topic}
             for queue in list(self._clients):
                 try:

@@ -6,10 +6,17 @@ frontend learns which calls it may retry, and the `criopy` command whom to
 ask, without importing any daemon's code.
 
 `callers` names the processes allowed to call a method: FRONTEND (the only
-caller of the daemons' work) and ROOT (uid 0: the `criopy` command's status,
-reload and restart). It is the architecture's table of edges, method by
-method, for a server to check against the caller's credentials (SO_PEERCRED)
-once each process runs as a user of its own.
+caller of the daemons) and ROOT (uid 0 outside every service: the `criopy`
+command's status, reload and restart, which only the supervisor answers). It
+is the architecture's table of edges, method by method:
+
+    frontend -> storaged, imaged, netd, runtimed (every method, their events, their streams)
+    root     -> supervisor
+    nothing else: no daemon calls another, nobody calls the frontend over the bus
+
+Every server checks each request against it, with the caller's credentials
+taken from the connection (shared/bus/peers.py); shared/identities.py says
+which credentials are whose.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ class ServiceApi:
     # Whether the service streams bytes (exec, attach, port-forward) on a socket of its own.
     serves_streams: bool = False
 
+    @property
+    def callers(self) -> frozenset[str]:
+        """Who may call at least one of its methods; a service nobody calls binds no bus socket."""
+        return frozenset().union(*(info.callers for info in self.methods.values()))
+
 
 def retried(*callers: str) -> MethodInfo:
     """An idempotent method: the frontend retries it, with backoff, until the caller's deadline."""
@@ -66,8 +78,13 @@ def _service(name: str, methods: dict[str, MethodInfo], *, health_callers: tuple
 
 
 def _daemon(name: str, methods: dict[str, MethodInfo], **facts: bool) -> ServiceApi:
-    # `criopy status` asks each service's health itself; the frontend scrapes their metrics.
-    return _service(name, methods, health_callers=(FRONTEND, ROOT), metrics_callers=(FRONTEND,), **facts)
+    # The frontend asks their health (the CRI's Status) and scrapes their metrics.
+    return _service(name, methods, health_callers=(FRONTEND,), metrics_callers=(FRONTEND,), **facts)
+
+
+# Who may subscribe to a daemon's events and open its byte streams.
+SUBSCRIBERS: frozenset[str] = frozenset({FRONTEND})
+STREAM_CALLERS: frozenset[str] = frozenset({FRONTEND})
 
 
 # It reads blobs and writes layers: no network at all.
@@ -146,12 +163,13 @@ RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, metho
     "attach_start": once(FRONTEND),
 })
 
-# The frontend answers only what every service answers, for `criopy status`.
-FRONTEND_API = _service("frontend", {}, health_callers=(ROOT,), metrics_callers=(ROOT,))
+# Nobody calls the frontend over the bus: the supervisor learns its state from
+# the process itself (shared/notify.py, /proc), and it binds no bus socket.
+FRONTEND_API = _service("frontend", {}, health_callers=(), metrics_callers=())
 
-# `criopy run`'s supervisor: the frontend reads restart counts for its metrics.
+# `criopy run`'s supervisor: the `criopy` command's status, reload and restart.
 SUPERVISOR = _service("supervisor", health_callers=(ROOT,), metrics_callers=(ROOT,), methods={
-    "services": retried(ROOT, FRONTEND),
+    "services": retried(ROOT),
     "reload": once(ROOT),
     "restart": once(ROOT),
 })

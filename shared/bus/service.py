@@ -72,6 +72,9 @@ class Service:
     # Linux capabilities (CAP_* names) the service keeps; every other one is
     # dropped at start. None means "all that this machine grants".
     capabilities: ClassVar[frozenset[str] | None] = frozenset()
+    # Capabilities held only until `bind()` has run, never in the bounding set (the frontend's
+    # CAP_CHOWN, to give the CRI socket its owner before it leaves root).
+    bind_capabilities: ClassVar[frozenset[str]] = frozenset()
     # False: the service runs in a network namespace of its own, with no network.
     network: ClassVar[bool] = True
     # Whether the service publishes events (on config.events_endpoint(name)).
@@ -105,6 +108,9 @@ class Service:
         return {"token": await self.streams.open(session)}
 
     # -- life cycle -------------------------------------------------------
+
+    async def bind(self) -> None:
+        """Open what only root may open, before the service changes user; runs first of all."""
 
     async def start(self) -> None:
         """Reload state and reconcile it with the machine; runs before any request."""

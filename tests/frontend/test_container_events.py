@@ -15,9 +15,8 @@ from services.frontend import container_events, event_hub
 from services.frontend.event_hub import EventHub
 from shared import metrics
 from shared.bus.events import EventPublisher
-from shared.config import Config
 from shared.errors import ResourceExhausted
-from tests.support.stack import short_tempdir
+from tests.support.stack import root_as_frontend, short_tempdir
 
 
 @dataclass
@@ -40,11 +39,11 @@ def _event(n: int, kind: str = "CONTAINER_STARTED_EVENT") -> dict[str, Any]:
 async def hub_and_publisher(monkeypatch):
     monkeypatch.setattr(event_hub, "CLIENT_QUEUE_SIZE", 5)
     base = short_tempdir("ev-")
-    config = Config()
+    config = root_as_frontend()
     config.crio.runroot = str(base)
     config.bus_dir().mkdir(parents=True)
     context = zmq.asyncio.Context()
-    publisher = EventPublisher(config.events_endpoint("runtimed"), context)
+    publisher = EventPublisher(config.events_endpoint("runtimed"), context, config)
     publisher.bind()
     hub = EventHub(config, context)
     hub.start()

@@ -11,7 +11,6 @@ and again.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -36,6 +35,17 @@ READY_TIMEOUT = 120.0
 COMMAND_TIMEOUT = 120.0
 # Restarts of one service during one wait for readiness that make it a crash loop, not a slow start.
 CRASH_LOOP_RESTARTS = 3
+
+# A test that calls a daemon itself, as root, runs it with root counted as the frontend: the
+# setting for running single services by hand (`[criopy.users] frontend = "root"`).
+ROOT_AS_FRONTEND = ("--set", 'criopy.users.frontend="root"')
+
+
+def root_as_frontend(config: Config | None = None) -> Config:
+    """`config` (the defaults when none) with root counted as the frontend, for daemons a test calls itself."""
+    config = config or Config()
+    config.criopy.users.frontend = "root"
+    return config
 
 
 def short_tempdir(prefix: str = "cp-") -> Path:
@@ -80,6 +90,8 @@ class Dirs:
         return self.base / "criopy.conf.d"
 
     def make(self) -> "Dirs":
+        # The frontend and imaged run as users of their own: they must get through the base (mkdtemp's 0700).
+        self.base.chmod(0o755)
         for d in (self.root, self.runroot, self.cni, self.netns, self.logs, self.config_dir):
             d.mkdir(parents=True, exist_ok=True)
         if not self.config_file.exists():
