@@ -5,7 +5,8 @@ call). Whatever arrives, the daemon survives it: a frame that is not an
 envelope, an unknown method, bad params, a wrong protocol version or an
 oversized message gets an error reply when it carries an id, and is logged and
 dropped when it does not. A handler that raises anything but a typed error
-becomes INTERNAL, with the exception logged.
+becomes INTERNAL, with the exception logged. The reply of a service with a
+state feed carries the feed's position (shared/bus/feed.py).
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ class BusServer:
                 return
             reply = await self._dispatch(request.id, request.method, request.params,
                                          request.deadline, request.traceparent)
+            if self.service.feed is not None:
+                # Every change the request made is published by now: the caller learns how far to read.
+                reply.seq = self.service.feed.position()
             await self._send(identity, reply)
         except asyncio.CancelledError:
             raise
