@@ -49,7 +49,7 @@ async def reconcile(ctx: Context) -> None:
                                             message="the container's monitor (conmon) is gone")
     for rec in records.sandboxes.values():
         if rec.get("infra") and rec["state"] == "ready":
-            infra.refresh(rec)
+            infra.check(ctx, rec)
     await _delete_orphans(ctx)
 
 

@@ -3,13 +3,14 @@
 A record is a plain dict, saved (store.py) at each change of state. A pod or
 container is found by its id or by a unique prefix of it; while it is
 reserved or being made it exists but is not visible to status calls.
+`on_change` hears every save and every record dropped (state_feed.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, AsyncContextManager
+from typing import Any, AsyncContextManager, Callable
 
 from services.runtimed.store import Store
 from shared.errors import NotFound
@@ -34,6 +35,8 @@ class Records:
         self._locks = KeyedLocks()
         self._changed = asyncio.Condition()
         self._store: Store | None = None
+        # Called with (kind, record) at each save and once a record is dropped.
+        self.on_change: Callable[[str, dict[str, Any]], None] | None = None
 
     def load(self) -> None:
         """Read every saved record (at start, before anything else touches them)."""
@@ -69,7 +72,13 @@ class Records:
 
     async def save(self, kind: str, rec: dict[str, Any]) -> None:
         assert self._store is not None
+        self.touched(kind, rec)
         await self._store.save(kind, rec)
+
+    def touched(self, kind: str, rec: dict[str, Any]) -> None:
+        """Tell `on_change` of a change (saves do; a fact kept only in memory, such as a dead infra process, too)."""
+        if self.on_change is not None:
+            self.on_change(kind, rec)
 
     async def save_sandbox(self, rec: dict[str, Any]) -> None:
         await self.save(SANDBOXES, rec)
@@ -91,6 +100,7 @@ class Records:
         names = self.names[kind]
         if names.get(rec["name"]) == rec["id"]:
             del names[rec["name"]]
+        self.touched(kind, rec)
 
     # -- lookups ----------------------------------------------------------------
 
