@@ -3,9 +3,9 @@
 Each object is kept as runtimed's feed gave it (services/runtimed/state_feed.py):
 its PodSandboxStatus or ContainerStatus as a dict, built by runtimed's status
 builders. The protobuf messages are made from it once, when first asked for,
-and kept until the object changes; the unfiltered lists are one response
-message each, made again only after a change. So a relist of a hundred pods
-costs one lookup, not a hundred conversions.
+and kept until the object changes; a list, for a given filter, is one
+response message made again only after a pod or container changes. So a
+relist of a hundred pods costs one lookup, not a hundred conversions.
 
 Lookups follow runtimed's: an exact id, or an id prefix that names a single
 object; filters match id prefixes, the state and every label of the selector.
@@ -13,75 +13,65 @@ object; filters match id prefixes, the state and every label of the selector.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from cri_api.v1 import api_pb2
+from google.protobuf.message import Message
 
 from services.frontend.runtime_convert import to_message
 from shared.errors import NotFound
+from shared.short_ids import find as _find
 
-# The ListPodSandbox and ListContainers entries: the fields of the status they share.
-_POD_FIELDS = ("id", "metadata", "state", "created_at", "labels", "annotations", "runtime_handler")
-_CONTAINER_FIELDS = ("id", "metadata", "image", "image_ref", "image_id", "state", "created_at", "labels",
-                     "annotations")
+# Lists remembered per kind between changes (the kubelet asks a few filters, and one per pod).
+MAX_LISTS = 512
+
+@dataclass(frozen=True)
+class _Kind:
+    """The CRI messages of pods, or of containers."""
+
+    states: Any  # the state enum
+    entry: type[Message]  # the list entry, made of the status's fields below
+    entry_fields: tuple[str, ...]
+    status: type[Message]
+    response: type[Message]
 
 
-class _Pod:
-    __slots__ = ("id", "status", "state", "labels", "_entry", "_response")
+_POD = _Kind(api_pb2.PodSandboxState, api_pb2.PodSandbox,
+             ("id", "metadata", "state", "created_at", "labels", "annotations", "runtime_handler"),
+             api_pb2.PodSandboxStatus, api_pb2.PodSandboxStatusResponse)
+_CONTAINER = _Kind(api_pb2.ContainerState, api_pb2.Container,
+                   ("id", "metadata", "image", "image_ref", "image_id", "state", "created_at", "labels", "annotations"),
+                   api_pb2.ContainerStatus, api_pb2.ContainerStatusResponse)
 
-    def __init__(self, view: dict[str, Any]) -> None:
+
+class _Object:
+    """A pod or a container: its status as runtimed built it, and the messages made of it once asked for."""
+
+    __slots__ = ("kind", "id", "sandbox_id", "status", "state", "labels", "_entry", "_response")
+
+    def __init__(self, kind: _Kind, view: dict[str, Any]) -> None:
+        self.kind = kind
         self.status: dict[str, Any] = view["status"]
         self.id: str = self.status["id"]
-        self.state = api_pb2.PodSandboxState.Value(self.status["state"])
+        self.sandbox_id: str = view.get("sandbox_id", "")  # a container's pod
+        self.state: int = kind.states.Value(self.status["state"])
         self.labels: dict[str, str] = self.status.get("labels") or {}
-        self._entry: api_pb2.PodSandbox | None = None
-        self._response: api_pb2.PodSandboxStatusResponse | None = None
+        self._entry: Message | None = None
+        self._response: Message | None = None
 
-    def entry(self) -> api_pb2.PodSandbox:
+    def entry(self) -> Any:
         if self._entry is None:
-            self._entry = to_message({k: self.status[k] for k in _POD_FIELDS if k in self.status}, api_pb2.PodSandbox)
+            fields = {k: self.status[k] for k in self.kind.entry_fields if k in self.status}
+            if self.sandbox_id:
+                fields["pod_sandbox_id"] = self.sandbox_id
+            self._entry = to_message(fields, self.kind.entry)
         return self._entry
 
-    def response(self) -> api_pb2.PodSandboxStatusResponse:
+    def response(self) -> Any:
         if self._response is None:
-            self._response = api_pb2.PodSandboxStatusResponse(
-                status=to_message(self.status, api_pb2.PodSandboxStatus))
+            self._response = self.kind.response(status=to_message(self.status, self.kind.status))
         return self._response
-
-
-class _Container:
-    __slots__ = ("id", "sandbox_id", "status", "state", "labels", "_entry", "_response")
-
-    def __init__(self, view: dict[str, Any]) -> None:
-        self.status: dict[str, Any] = view["status"]
-        self.sandbox_id: str = view["sandbox_id"]
-        self.id: str = self.status["id"]
-        self.state = api_pb2.ContainerState.Value(self.status["state"])
-        self.labels: dict[str, str] = self.status.get("labels") or {}
-        self._entry: api_pb2.Container | None = None
-        self._response: api_pb2.ContainerStatusResponse | None = None
-
-    def entry(self) -> api_pb2.Container:
-        if self._entry is None:
-            fields = {k: self.status[k] for k in _CONTAINER_FIELDS if k in self.status}
-            self._entry = to_message({**fields, "pod_sandbox_id": self.sandbox_id}, api_pb2.Container)
-        return self._entry
-
-    def response(self) -> api_pb2.ContainerStatusResponse:
-        if self._response is None:
-            self._response = api_pb2.ContainerStatusResponse(
-                status=to_message(self.status, api_pb2.ContainerStatus))
-        return self._response
-
-
-def _find(table: dict[str, Any], object_id: str) -> Any:
-    """By id, or by a prefix that only one id has (as runtimed's records find them)."""
-    found = table.get(object_id)
-    if found is None and object_id and len(object_id) < 64:
-        matches = [o for i, o in table.items() if i.startswith(object_id)]
-        if len(matches) == 1:
-            found = matches[0]
-    return found
 
 
 def _labelled(labels: dict[str, str], selector: Any) -> bool:
@@ -90,35 +80,31 @@ def _labelled(labels: dict[str, str], selector: Any) -> bool:
 
 class RuntimeView:
     def __init__(self) -> None:
-        self.pods: dict[str, _Pod] = {}
-        self.containers: dict[str, _Container] = {}
-        self._pod_list: api_pb2.ListPodSandboxResponse | None = None
-        self._container_list: api_pb2.ListContainersResponse | None = None
+        self.pods: dict[str, _Object] = {}
+        self.containers: dict[str, _Object] = {}
+        # The lists answered since the last change, by kind and by filter (serialized; b"": none).
+        self._lists: dict[str, dict[bytes, Any]] = {"sandbox": {}, "container": {}}
 
     # -- kept by the feed ---------------------------------------------------------------
 
     def reset(self, views: dict[str, Any]) -> None:
         self.pods, self.containers = {}, {}
-        self._pod_list = self._container_list = None
         for key, view in views.items():
             self.apply(key, view)
 
     def apply(self, key: str, view: dict[str, Any] | None) -> None:
         kind, _, object_id = key.partition("/")
         if kind == "sandbox":
-            self._pod_list = None
-            if view is None:
-                self.pods.pop(object_id, None)
-            else:
-                self.pods[object_id] = _Pod(view)
+            table, spec = self.pods, _POD
         elif kind == "container":
-            self._container_list = None
-            if view is None:
-                self.containers.pop(object_id, None)
-            else:
-                self.containers[object_id] = _Container(view)
+            table, spec = self.containers, _CONTAINER
         else:
             raise ValueError(f"unknown kind of object {key!r}")
+        self._lists[kind].clear()
+        if view is None:
+            table.pop(object_id, None)
+        else:
+            table[object_id] = _Object(spec, view)
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -135,24 +121,37 @@ class RuntimeView:
         return container.response()
 
     def list_pods(self, f: api_pb2.PodSandboxFilter | None) -> api_pb2.ListPodSandboxResponse:
-        state = f.state.state if f is not None and f.HasField("state") else None
-        if f is None or not (f.id or state is not None or f.label_selector):
-            if self._pod_list is None:
-                self._pod_list = api_pb2.ListPodSandboxResponse(items=[p.entry() for p in self.pods.values()])
-            return self._pod_list
-        return api_pb2.ListPodSandboxResponse(items=[
-            p.entry() for p in self.pods.values()
-            if (not f.id or p.id.startswith(f.id)) and (state is None or p.state == state)
-            and _labelled(p.labels, f.label_selector)])
+        def made() -> api_pb2.ListPodSandboxResponse:
+            if f is None:
+                return api_pb2.ListPodSandboxResponse(items=[p.entry() for p in self.pods.values()])
+            state = f.state.state if f.HasField("state") else None
+            return api_pb2.ListPodSandboxResponse(items=[
+                p.entry() for p in self.pods.values()
+                if (not f.id or p.id.startswith(f.id)) and (state is None or p.state == state)
+                and _labelled(p.labels, f.label_selector)])
+
+        return self._list("sandbox", f, made)
 
     def list_containers(self, f: api_pb2.ContainerFilter | None) -> api_pb2.ListContainersResponse:
-        state = f.state.state if f is not None and f.HasField("state") else None
-        if f is None or not (f.id or f.pod_sandbox_id or state is not None or f.label_selector):
-            if self._container_list is None:
-                self._container_list = api_pb2.ListContainersResponse(
-                    containers=[c.entry() for c in self.containers.values()])
-            return self._container_list
-        return api_pb2.ListContainersResponse(containers=[
-            c.entry() for c in self.containers.values()
-            if (not f.id or c.id.startswith(f.id)) and (not f.pod_sandbox_id or c.sandbox_id.startswith(f.pod_sandbox_id))
-            and (state is None or c.state == state) and _labelled(c.labels, f.label_selector)])
+        def made() -> api_pb2.ListContainersResponse:
+            if f is None:
+                return api_pb2.ListContainersResponse(containers=[c.entry() for c in self.containers.values()])
+            state = f.state.state if f.HasField("state") else None
+            return api_pb2.ListContainersResponse(containers=[
+                c.entry() for c in self.containers.values()
+                if (not f.id or c.id.startswith(f.id))
+                and (not f.pod_sandbox_id or c.sandbox_id.startswith(f.pod_sandbox_id))
+                and (state is None or c.state == state) and _labelled(c.labels, f.label_selector)])
+
+        return self._list("container", f, made)
+
+    def _list(self, kind: str, f: Message | None, made: Callable[[], Message]) -> Any:
+        """The list for this filter: made once after each change, then the same message again."""
+        lists = self._lists[kind]
+        key = b"" if f is None else f.SerializeToString(deterministic=True)
+        found = lists.get(key)
+        if found is None:
+            if len(lists) >= MAX_LISTS:
+                lists.clear()
+            found = lists[key] = made()
+        return found

@@ -14,6 +14,7 @@ from typing import Any, AsyncContextManager, Callable
 
 from services.runtimed.store import Store
 from shared.errors import NotFound
+from shared.short_ids import find as _find
 from shared.keyed_locks import KeyedLocks
 
 # Visible states and their CRI names; the others (reserved, creating, removing) are not listed.
@@ -126,12 +127,3 @@ class Records:
 
     def containers_of(self, sandbox_id: str) -> list[dict[str, Any]]:
         return [c for c in self.containers.values() if c["sandbox_id"] == sandbox_id]
-
-
-def _find(table: dict[str, dict[str, Any]], object_id: str) -> dict[str, Any] | None:
-    rec = table.get(object_id)
-    if rec is None and object_id and len(object_id) < 64:
-        matches = [r for i, r in table.items() if i.startswith(object_id)]
-        if len(matches) == 1:
-            rec = matches[0]
-    return rec

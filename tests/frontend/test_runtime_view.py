@@ -123,6 +123,10 @@ def test_a_change_replaces_the_answers_made_before_it(records: SimpleNamespace) 
     view = _view(records)
     before = view.list_containers(None)
     assert view.list_containers(None) is before  # one message, made once
+    running = api_pb2.ContainerFilter(state=api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_RUNNING))
+    assert [c.id[:2] for c in view.list_containers(running).containers] == ["c1"]
+    assert view.list_containers(running) is view.list_containers(api_pb2.ContainerFilter.FromString(
+        running.SerializeToString()))  # the same filter, asked again
     nginx = records.records.containers["c1" + "0" * 62]
     nginx.update(state="exited", exit_code=137, finished_at=9)
     view.apply(state_feed.key(CONTAINERS, nginx["id"]), state_feed.view(records, CONTAINERS, nginx))
@@ -130,5 +134,6 @@ def test_a_change_replaces_the_answers_made_before_it(records: SimpleNamespace) 
     assert after is not before
     assert {c.id[:2]: c.state for c in after.containers}["c1"] == api_pb2.CONTAINER_EXITED
     assert view.container_status("c1").status.exit_code == 137
+    assert view.list_containers(running).containers == []
     view.apply(state_feed.key(SANDBOXES, "aa" + "1" * 62), None)
     assert [p.id[:2] for p in view.list_pods(None).items] == ["ab"]
