@@ -83,6 +83,18 @@ def synced_count(stack: Stack, daemon: str) -> int:
     return count
 
 
+def a_container(stack: Stack, image: str, name: str, command: list[str],
+                start: bool = True) -> tuple[api_pb2.PodSandboxConfig, str, str]:
+    """A pod with one container (started unless told not to): its config, its id and the container's."""
+    stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=60)
+    pod = pod_config(name)
+    pod_id = run_pod(stack, pod)
+    cid = create(stack, pod_id, pod, container_config("c", image, command))
+    if start:
+        stack.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
+    return pod, pod_id, cid
+
+
 class Workers:
     """Threads that run a body until told to stop; the first failure of any is kept."""
 
@@ -171,12 +183,8 @@ def test_reads_after_writes_see_them_while_others_write_and_read(pod_stack: Stac
 def test_a_runtimed_killed_while_a_container_dies_leaves_no_stale_answer(pod_stack: Stack, busybox: str) -> None:  # noqa: F811
     stack = pod_stack
     rt = stack.runtime
-    stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=60)
     marker = str(4000 + secrets.randbelow(600))
-    pod = pod_config("dies")
-    pod_id = run_pod(stack, pod)
-    cid = create(stack, pod_id, pod, container_config("c", busybox, ["sleep", marker]))
-    rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
+    pod, pod_id, cid = a_container(stack, busybox, "dies", ["sleep", marker])
     assert state(stack, cid) == RUNNING
     before = synced_count(stack, "runtimed")
     runtimed = stack.pid("runtimed")
@@ -202,11 +210,7 @@ def test_a_runtimed_killed_while_a_container_dies_leaves_no_stale_answer(pod_sta
 def test_a_restarted_frontend_builds_its_copy_again(pod_stack: Stack, busybox: str) -> None:  # noqa: F811
     stack = pod_stack
     rt = stack.runtime
-    stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=60)
-    pod = pod_config("kept")
-    pod_id = run_pod(stack, pod)
-    cid = create(stack, pod_id, pod, container_config("c", busybox, ["sleep", "600"]))
-    rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
+    _pod, pod_id, cid = a_container(stack, busybox, "kept", ["sleep", "600"])
     before = {d: synced_count(stack, d) for d in ("runtimed", "imaged")}
 
     _restart(stack, "frontend")
@@ -227,10 +231,7 @@ def plain_stack(registry: Registry) -> Iterator[Stack]:  # noqa: F811
 def test_turned_off_every_read_asks_the_daemons(plain_stack: Stack, busybox: str) -> None:  # noqa: F811
     stack = plain_stack
     rt = stack.runtime
-    stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox)), timeout=60)
-    pod = pod_config("plain")
-    pod_id = run_pod(stack, pod)
-    cid = create(stack, pod_id, pod, container_config("c", busybox, ["sleep", "600"]))
+    _pod, pod_id, cid = a_container(stack, busybox, "plain", ["sleep", "600"], start=False)
     assert listed(stack) == {cid: CREATED}
     rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
     assert state(stack, cid) == RUNNING and pods(stack) == {pod_id: api_pb2.SANDBOX_READY}
