@@ -74,8 +74,15 @@ class _Object:
         return self._response
 
 
-def _labelled(labels: dict[str, str], selector: Any) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
+def _entries(table: dict[str, _Object], f: Any) -> list[Any]:
+    """The list entries of the objects a PodSandboxFilter or ContainerFilter selects (None: all)."""
+    if f is None:
+        return [o.entry() for o in table.values()]
+    state = f.state.state if f.HasField("state") else None
+    pod = getattr(f, "pod_sandbox_id", "")
+    return [o.entry() for o in table.values()
+            if (not f.id or o.id.startswith(f.id)) and (not pod or o.sandbox_id.startswith(pod))
+            and (state is None or o.state == state) and all(o.labels.get(k) == v for k, v in f.label_selector.items())]
 
 
 class RuntimeView:
@@ -121,29 +128,11 @@ class RuntimeView:
         return container.response()
 
     def list_pods(self, f: api_pb2.PodSandboxFilter | None) -> api_pb2.ListPodSandboxResponse:
-        def made() -> api_pb2.ListPodSandboxResponse:
-            if f is None:
-                return api_pb2.ListPodSandboxResponse(items=[p.entry() for p in self.pods.values()])
-            state = f.state.state if f.HasField("state") else None
-            return api_pb2.ListPodSandboxResponse(items=[
-                p.entry() for p in self.pods.values()
-                if (not f.id or p.id.startswith(f.id)) and (state is None or p.state == state)
-                and _labelled(p.labels, f.label_selector)])
-
-        return self._list("sandbox", f, made)
+        return self._list("sandbox", f, lambda: api_pb2.ListPodSandboxResponse(items=_entries(self.pods, f)))
 
     def list_containers(self, f: api_pb2.ContainerFilter | None) -> api_pb2.ListContainersResponse:
-        def made() -> api_pb2.ListContainersResponse:
-            if f is None:
-                return api_pb2.ListContainersResponse(containers=[c.entry() for c in self.containers.values()])
-            state = f.state.state if f.HasField("state") else None
-            return api_pb2.ListContainersResponse(containers=[
-                c.entry() for c in self.containers.values()
-                if (not f.id or c.id.startswith(f.id))
-                and (not f.pod_sandbox_id or c.sandbox_id.startswith(f.pod_sandbox_id))
-                and (state is None or c.state == state) and _labelled(c.labels, f.label_selector)])
-
-        return self._list("container", f, made)
+        return self._list("container", f,
+                          lambda: api_pb2.ListContainersResponse(containers=_entries(self.containers, f)))
 
     def _list(self, kind: str, f: Message | None, made: Callable[[], Message]) -> Any:
         """The list for this filter: made once after each change, then the same message again."""
