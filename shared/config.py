@@ -174,7 +174,22 @@ class LogConfig:
 
 
 @dataclass
+class FrontendConfig:
+    read_model: bool = _doc(
+        "Answer ListPodSandbox, ListContainers, the non-verbose PodSandboxStatus, ContainerStatus and ImageStatus, "
+        "ListImages and Status from the frontend's memory, kept by the daemons' events; false: ask the daemons.",
+        default=True)
+    cache_ttl: float = _doc(
+        "Seconds an ImageFsInfo or stats answer is reused while no pod, container or image changed (with read_model).",
+        default=1.0)
+    health_interval: float = _doc(
+        "Seconds between the health probes of runtimed and netd that Status answers from (with read_model).",
+        default=1.0)
+
+
+@dataclass
 class CriopyConfig:
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     bus: BusConfig = field(default_factory=BusConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     users: UsersConfig = field(default_factory=UsersConfig)

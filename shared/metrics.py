@@ -59,6 +59,10 @@ BUS_CALLS = Counter(
 BUS_CALL_LATENCY = Histogram(
     "criopy_bus_call_duration_seconds", "Latency of bus calls, retries included.",
     ["daemon", "method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+READ_MODEL_SYNCS = Counter(
+    "criopy_read_model_syncs_total",
+    "Copies of a daemon's state the read model built from a snapshot: at start, then after the daemon "
+    "restarted or a change was lost.", ["daemon"], registry=REGISTRY)
 
 # imaged
 IMAGE_PULLS = Counter(

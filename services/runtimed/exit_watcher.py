@@ -30,7 +30,7 @@ async def watch(ctx: Context) -> None:
                             and not exits.conmon_alive(rec):
                         exits.note_monitor_gone(rec)
             for rec in list(ctx.records.sandboxes.values()):
-                infra.refresh(rec)
+                infra.check(ctx, rec)
         except asyncio.CancelledError:
             raise
         except Exception as e:

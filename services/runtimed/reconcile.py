@@ -44,7 +44,7 @@ async def reconcile(ctx: Context) -> None:
             await _reconcile_container(ctx, rec)
     for rec in records.sandboxes.values():
         if rec.get("infra") and rec["state"] == "ready":
-            infra.refresh(rec)
+            infra.check(ctx, rec)
     await _delete_orphans(ctx)
 
 

@@ -104,7 +104,8 @@ STORAGED = _daemon("storaged", network=False, methods={
     "rootfs_usages": retried(FRONTEND),
 })
 
-IMAGED = _daemon("imaged", methods={
+# Its images' changes go to the frontend's read model (shared/bus/feed.py), on its event socket.
+IMAGED = _daemon("imaged", publishes_events=True, methods={
     "pull": retried(FRONTEND),
     "mark_ready": retried(FRONTEND),
     "abandon": retried(FRONTEND),
@@ -115,6 +116,7 @@ IMAGED = _daemon("imaged", methods={
     "remove_image": retried(FRONTEND),
     "top_layers": retried(FRONTEND),
     "fs_info": retried(FRONTEND),
+    "snapshot": retried(FRONTEND),
 })
 
 # Port-forward connections stream their bytes on a socket of their own (netd's port_forward.py).
@@ -129,7 +131,8 @@ NETD = _daemon("netd", serves_streams=True, methods={
     "pf_open": once(FRONTEND),
 })
 
-# Container and pod events go to the frontend (GetContainerEvents); see runtimed's event_publisher.py.
+# Container and pod events go to the frontend (GetContainerEvents); see runtimed's event_publisher.py;
+# and so do the changes its read model follows (shared/bus/feed.py, `snapshot`).
 # Exec and attach stream their bytes on a socket of their own (runtimed's exec_session.py).
 RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, methods={
     "runtime_config": retried(FRONTEND),
@@ -161,6 +164,7 @@ RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, metho
     "checkpoint_container": once(FRONTEND),
     "exec_start": once(FRONTEND),
     "attach_start": once(FRONTEND),
+    "snapshot": retried(FRONTEND),
 })
 
 # Nobody calls the frontend over the bus: the supervisor learns its state from

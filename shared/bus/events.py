@@ -75,6 +75,10 @@ class EventSubscriber:
     def __init__(self, endpoint: str, context: zmq.asyncio.Context, topics: tuple[str, ...] = ("",)) -> None:
         self._socket = sockets.subscriber(context, endpoint, topics)
 
+    def watch_connection(self) -> sockets.Monitor:
+        """The socket's connections and disconnections from now on; the caller closes it."""
+        return sockets.Monitor(self._socket, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+
     async def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         while True:
             frames = await self._socket.recv_multipart()

@@ -11,7 +11,8 @@ Every request is checked against its method's callers in the API table, with
 the caller named from its connection's credentials (shared/bus/peers.py): a
 caller the table does not list is answered PERMISSION_DENIED, logged and
 counted, and the method never runs. A caller of none of the service's methods
-is refused before its message is even decoded.
+is refused before its message is even decoded. The reply of a service with a
+state feed carries the feed's position (shared/bus/feed.py).
 """
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ class BusServer:
                 return
             reply = await self._dispatch(request.id, request.method, request.params,
                                          request.deadline, request.traceparent)
+            if self.service.feed is not None:
+                # Every change the request made is published by now: the caller learns how far to read.
+                reply.seq = self.service.feed.position()
             await self._send(identity, reply)
         except asyncio.CancelledError:
             raise

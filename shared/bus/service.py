@@ -35,6 +35,7 @@ from shared.version import VERSION
 
 if TYPE_CHECKING:
     from shared.bus.events import EventPublisher
+    from shared.bus.feed import StateFeed
     from shared.bus.streams import StreamListener, StreamSession
     from shared.reload import ReloadResult
 
@@ -95,6 +96,9 @@ class Service:
         self.ready = False
         self.publisher: "EventPublisher | None" = None  # set by the daemon runner
         self.streams: "StreamListener | None" = None  # set by the daemon runner when serves_streams
+        # The numbered changes the frontend's read model follows (shared/bus/feed.py), for a
+        # service that has one: its position goes out with every reply.
+        self.feed: "StateFeed | None" = None
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Publish an event to the frontend (dropped when nobody listens)."""

@@ -13,6 +13,7 @@ from cri_api.v1 import api_pb2
 
 from services.frontend import container_events, event_hub
 from services.frontend.event_hub import EventHub
+from services.frontend.subscription import Subscription
 from shared import metrics
 from shared.bus.events import EventPublisher
 from shared.errors import ResourceExhausted
@@ -45,8 +46,10 @@ async def hub_and_publisher(monkeypatch):
     context = zmq.asyncio.Context()
     publisher = EventPublisher(config.events_endpoint("runtimed"), context, config)
     publisher.bind()
-    hub = EventHub(config, context)
-    hub.start()
+    hub = EventHub()
+    subscription = Subscription(config.events_endpoint("runtimed"), context,
+                                {topic: hub.deliver for topic in event_hub.TOPICS})
+    subscription.start()
     try:
         # Wait for the subscription to reach the publisher (a PUB drops what nobody hears yet).
         probe = hub.subscribe()
@@ -56,7 +59,7 @@ async def hub_and_publisher(monkeypatch):
         hub.unsubscribe(probe)
         yield hub, publisher
     finally:
-        await hub.close()
+        await subscription.close()
         publisher.close()
         context.term()
         shutil.rmtree(base, ignore_errors=True)

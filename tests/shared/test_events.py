@@ -10,7 +10,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from services.frontend.event_hub import CLIENT_QUEUE_SIZE, EventHub, SlowClient
+from services.frontend.event_hub import CLIENT_QUEUE_SIZE, TOPICS, EventHub, SlowClient
+from services.frontend.subscription import Subscription
 from shared.bus.events import EventPublisher, EventSubscriber
 from tests.support.stack import root_as_frontend, short_tempdir
 
@@ -97,8 +98,10 @@ async def test_hub_drops_a_client_that_does_not_keep_up(run_dir: Path) -> None:
     ctx = zmq.asyncio.Context.instance()
     publisher = EventPublisher(config.events_endpoint("runtimed"), ctx, config)
     publisher.bind()
-    hub = EventHub(config, ctx)
-    hub.start()
+    hub = EventHub()
+    subscription = Subscription(config.events_endpoint("runtimed"), ctx,
+                                {topic: hub.deliver for topic in (*TOPICS, "probe")})
+    subscription.start()
     fast = hub.subscribe()
     slow = hub.subscribe()
 
@@ -117,7 +120,7 @@ async def test_hub_drops_a_client_that_does_not_keep_up(run_dir: Path) -> None:
     assert isinstance(items[-1], SlowClient)
     assert hub.client_count == 1  # the fast one is still subscribed
     drained.cancel()
-    await hub.close()
+    await subscription.close()
     publisher.close()
 
 
