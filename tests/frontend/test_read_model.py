@@ -21,17 +21,18 @@ from services.frontend import read_model
 from services.frontend.read_model import Mirror
 from services.frontend.subscription import Subscription
 from shared.bus import feed as feed_module
-from shared.bus.api import ServiceApi, retried
+from shared.bus import ipc
+from shared.bus.api import FRONTEND, ServiceApi, retried
 from shared.bus.client import BusClient
 from shared.bus.events import EventPublisher
 from shared.bus.feed import StateFeed
 from shared.bus.server import BusServer
 from shared.bus.service import Service, method
 from shared.config import Config
-from tests.support.stack import short_tempdir
+from tests.support.stack import root_as_frontend, short_tempdir
 
-FEEDER_API = ServiceApi("feeder", {"health": retried("root"), "metrics": retried("root"),
-                                   "write": retried("root"), "snapshot": retried("root")}, publishes_events=True)
+FEEDER_API = ServiceApi("feeder", {"health": retried(FRONTEND), "metrics": retried(FRONTEND),
+                                   "write": retried(FRONTEND), "snapshot": retried(FRONTEND)}, publishes_events=True)
 
 
 class Outbox:
@@ -106,10 +107,11 @@ class Rig:
         self._publisher: EventPublisher | None = None
 
     async def start_daemon(self, beating: bool = True) -> Feeder:
-        self._publisher = EventPublisher(self.events, self.context)
+        # This test plays the frontend, as root.
+        self._publisher = EventPublisher(self.events, self.context, root_as_frontend())
         self._publisher.bind()
         self.outbox = Outbox(self._publisher)
-        self.daemon = Feeder(Config(), self.outbox)
+        self.daemon = Feeder(root_as_frontend(), self.outbox)
         if beating:
             self.daemon.feed.start()
         self._server = BusServer(self.daemon, self.endpoint, max_message_bytes=1 << 20, context=self.context)
@@ -121,6 +123,8 @@ class Rig:
         await self.daemon.feed.close()
         await self._server.close()
         self._publisher.close()
+        # ZeroMQ unbinds in its own thread: a restart binds once the old socket is gone.
+        await eventually(lambda: not ipc.is_served(self.events.removeprefix("ipc://")))
 
     def start_frontend(self) -> None:
         self.client.connect()

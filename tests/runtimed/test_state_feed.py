@@ -28,6 +28,7 @@ from shared.bus.events import EventPublisher
 from shared.bus.feed import TOPIC
 from shared.bus.server import BusServer
 from tests.runtimed.conftest import IMAGE, container_config, pod_config
+from tests.support.stack import root_as_frontend
 
 pytestmark = pytest.mark.root
 
@@ -77,8 +78,9 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> No
 @pytest.fixture
 async def frontend(runtimed: Runtimed) -> AsyncIterator[Frontend]:
     context = zmq.asyncio.Context()
+    root_as_frontend(runtimed.config)  # this test is the frontend
     runtimed.config.bus_dir().mkdir(parents=True, exist_ok=True)
-    runtimed.publisher = EventPublisher(runtimed.config.events_endpoint("runtimed"), context)
+    runtimed.publisher = EventPublisher(runtimed.config.events_endpoint("runtimed"), context, runtimed.config)
     runtimed.publisher.bind()
     server = BusServer(runtimed, runtimed.config.bus_endpoint("runtimed"), max_message_bytes=1 << 24, context=context)
     await server.start()
