@@ -20,7 +20,8 @@ from pathlib import Path
 
 import structlog
 
-from shared.bus.streams import READ_SIZE, STDOUT, DaemonStream, End
+from shared.bus.stream_frames import READ_SIZE, STDOUT, End
+from shared.bus.streams import DaemonStream
 from shared.errors import FailedPrecondition, Internal, InvalidArgument
 
 log = structlog.get_logger(__name__)

@@ -44,7 +44,8 @@ import structlog
 
 from services.runtimed import conmon
 from services.runtimed.runc import Runc
-from shared.bus.streams import READ_SIZE, STDERR, STDOUT, DaemonStream, End
+from shared.bus.stream_frames import READ_SIZE, STDERR, STDOUT, End
+from shared.bus.streams import DaemonStream
 from shared.errors import FailedPrecondition, InvalidArgument
 
 log = structlog.get_logger(__name__)

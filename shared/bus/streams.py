@@ -63,86 +63,30 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import struct
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgpack
 import structlog
 
 from shared.bus import ipc
 from shared.bus.api import STREAM_CALLERS
 from shared.bus.peers import refused, stream_caller
+from shared.bus.stream_frames import (CREDIT, HEADER, INPUT_WINDOW, MAX_FRAME, OPEN, READ_SIZE, RESIZE, STDIN,
+                                      STDIN_END, TERMINAL_SIZE, WINDOW, End, ProtocolError, end_frame, frame,
+                                      read_frame)
 from shared.config import Config
 from shared.errors import ResourceExhausted, Unavailable
 from shared.identities import Callers
 
 log = structlog.get_logger(__name__)
 
-# Frame kinds. Frontend to daemon:
-OPEN, STDIN, STDIN_END, RESIZE = 1, 2, 3, 4
-# Daemon to frontend:
-STDOUT, STDERR, WINDOW, END = 5, 6, 7, 8
-
-HEADER = struct.Struct("!BI")
-_SIZE = struct.Struct("!HH")
-_COUNT = struct.Struct("!I")
-MAX_FRAME = 256 * 1024
-# Bytes read at once from what a session streams out.
-READ_SIZE = 256 * 1024
-# STDIN bytes a session may have received and not yet consumed.
-INPUT_WINDOW = 512 * 1024
 # Sessions one daemon keeps open at once (each holds a process or a connection).
 MAX_STREAMS = 100
 # Seconds a started session waits for its frontend.
 CLAIM_TIMEOUT = 30.0
 # Seconds a new connection has to name its session.
 OPEN_TIMEOUT = 10.0
-# Characters of an END frame's error that are kept.
-MAX_ERROR = 8192
-
-
-@dataclass
-class End:
-    """How a session ended: the process's exit code, or why it could not run to its end."""
-
-    exit_code: int | None = None
-    error: str | None = None
-
-
-class ProtocolError(Exception):
-    """A frame that breaks the protocol; the connection is closed."""
-
-
-def frame(kind: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(kind, len(payload)) + payload
-
-
-def end_frame(end: End) -> bytes:
-    error = end.error[:MAX_ERROR] if end.error is not None else None
-    return frame(END, msgpack.packb({"exit_code": end.exit_code, "error": error}))
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The next frame; asyncio.IncompleteReadError at the end of the connection."""
-    kind, size = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if size > MAX_FRAME:
-        raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME}")
-    return kind, await reader.readexactly(size) if size else b""
-
-
-def _decode_end(payload: bytes) -> End:
-    try:
-        body = msgpack.unpackb(payload, raw=False)
-        code, error = body.get("exit_code"), body.get("error")
-    except Exception as e:  # msgpack raises several unrelated types
-        raise ProtocolError(f"END frame is not a msgpack map: {e}") from None
-    if (code is not None and not isinstance(code, int)) or (error is not None and not isinstance(error, str)):
-        raise ProtocolError("END frame with a malformed exit code or error")
-    return End(code, error)
-
 
 # -- the daemon's side -------------------------------------------------------------
 
@@ -211,7 +155,7 @@ class DaemonStream:
         self._consumed += len(data)
         if self._consumed >= INPUT_WINDOW // 4:
             self._window += self._consumed
-            self._writer.write(frame(WINDOW, _COUNT.pack(self._consumed)))
+            self._writer.write(frame(WINDOW, CREDIT.pack(self._consumed)))
             self._consumed = 0
         return data
 
@@ -246,8 +190,8 @@ class DaemonStream:
                         self._input_ready.set()
                 elif kind == STDIN_END:
                     self._end_input()
-                elif kind == RESIZE and len(payload) == _SIZE.size:
-                    self._resize(*_SIZE.unpack(payload))
+                elif kind == RESIZE and len(payload) == TERMINAL_SIZE.size:
+                    self._resize(*TERMINAL_SIZE.unpack(payload))
                 else:
                     raise ProtocolError(f"unexpected frame kind {kind} of {len(payload)} bytes")
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
@@ -399,96 +343,3 @@ class StreamListener:
                 stream.send_end(end)
             self.sessions.pop(token, None)
             await session.close()
-
-
-# -- the frontend's side -----------------------------------------------------------
-
-
-class ClientStream:
-    """The frontend's end of one session: reads output and the end, writes input within its credit."""
-
-    def __init__(self, service: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.service = service
-        self._reader = reader
-        self._writer = writer
-        self._credit = INPUT_WINDOW
-        self._credit_open = asyncio.Event()
-        self._credit_open.set()
-        self.ended = False
-
-    @classmethod
-    async def connect(cls, service: str, path: str | os.PathLike[str], token: str) -> "ClientStream":
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_FRAME)
-        except OSError as e:
-            raise Unavailable(f"cannot reach {service}'s streams at {path}: {e.strerror or e}") from None
-        writer.write(frame(OPEN, token.encode()))
-        return cls(service, reader, writer)
-
-    async def read(self) -> tuple[int, bytes] | End:
-        """(STDOUT or STDERR, bytes), or the session's End; raises Unavailable when the daemon went away."""
-        if self.ended:
-            raise Unavailable(f"the {self.service} stream has ended")
-        while True:
-            try:
-                kind, payload = await read_frame(self._reader)
-                if kind == WINDOW and len(payload) == _COUNT.size:
-                    self._credit += _COUNT.unpack(payload)[0]
-                    self._credit_open.set()
-                    continue
-                if kind in (STDOUT, STDERR):
-                    return kind, payload
-                if kind != END:
-                    raise ProtocolError(f"unexpected frame kind {kind}")
-                end = _decode_end(payload)
-            except (asyncio.IncompleteReadError, ConnectionError, OSError):
-                self._finish()
-                raise Unavailable(f"{self.service} went away during the session (restarted or stopped)") from None
-            except ProtocolError as e:
-                self._finish()
-                raise Unavailable(f"{self.service} broke the stream protocol: {e}") from None
-            self._finish()
-            return end
-
-    def _finish(self) -> None:
-        self.ended = True
-        self._credit_open.set()  # writers waiting for credit give up
-
-    async def write(self, data: bytes) -> None:
-        """Input bytes, sent as the daemon's credit allows; ConnectionResetError once the session ended."""
-        view = memoryview(data)
-        while view:
-            while self._credit <= 0 and not self.ended:
-                self._credit_open.clear()
-                await self._credit_open.wait()
-            if self.ended:
-                raise ConnectionResetError(f"the {self.service} session has ended")
-            size = min(len(view), self._credit, MAX_FRAME)
-            self._writer.write(HEADER.pack(STDIN, size) + view[:size])
-            self._credit -= size
-            view = view[size:]
-            await self._writer.drain()
-
-    async def end_input(self) -> None:
-        await self._control(frame(STDIN_END))
-
-    async def resize(self, width: int, height: int) -> None:
-        await self._control(frame(RESIZE, _SIZE.pack(width, height)))
-
-    async def _control(self, data: bytes) -> None:
-        if self.ended or self._writer.is_closing():
-            return
-        self._writer.write(data)
-        try:
-            await self._writer.drain()
-        except (ConnectionError, OSError):
-            pass  # the next read says why
-
-    async def close(self) -> None:
-        """Closing ends the session in the daemon (its process is killed) unless it already ended."""
-        self._finish()
-        self._writer.close()
-        try:
-            await self._writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass

@@ -13,7 +13,9 @@ from typing import AsyncIterator
 import pytest
 
 from services.netd import port_forward
-from shared.bus.streams import ClientStream, End, StreamListener
+from shared.bus.stream_client import ClientStream
+from shared.bus.stream_frames import End
+from shared.bus.streams import StreamListener
 from shared.errors import FailedPrecondition, InvalidArgument
 from tests.support.stack import root_as_frontend, short_tempdir
 from tests.support.streams import read_all

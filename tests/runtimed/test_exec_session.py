@@ -8,7 +8,9 @@ from typing import AsyncIterator
 
 import pytest
 
-from shared.bus.streams import STDERR, STDOUT, ClientStream, End, StreamListener
+from shared.bus.stream_client import ClientStream
+from shared.bus.stream_frames import STDERR, STDOUT, End
+from shared.bus.streams import StreamListener
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.runtimed.conftest import container_config, new_container, new_pod
 from tests.support.stack import root_as_frontend

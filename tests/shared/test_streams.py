@@ -10,8 +10,10 @@ from typing import AsyncIterator
 
 import pytest
 
-from shared.bus import streams
-from shared.bus.streams import STDERR, STDIN, STDOUT, ClientStream, DaemonStream, End, StreamListener
+from shared.bus import stream_frames
+from shared.bus.stream_client import ClientStream
+from shared.bus.stream_frames import STDERR, STDIN, STDOUT, End
+from shared.bus.streams import DaemonStream, StreamListener
 from shared.errors import ResourceExhausted, Unavailable
 from tests.support.stack import root_as_frontend, short_tempdir
 from tests.support.streams import read_all
@@ -117,7 +119,7 @@ async def test_output_input_resize_and_end(listener: StreamListener) -> None:
 async def test_large_transfers_both_ways(listener: StreamListener) -> None:
     session = Recorder()
     client = await connect(listener, await listener.open(session))
-    payload = os.urandom(3 * streams.INPUT_WINDOW + 12345)  # needs the daemon's credit several times over
+    payload = os.urandom(3 * stream_frames.INPUT_WINDOW + 12345)  # needs the daemon's credit several times over
     writer = asyncio.create_task(client.write(payload))
     for at in range(0, len(payload), 300_000):
         session.outputs.put_nowait((STDOUT, payload[at:at + 300_000]))
@@ -133,13 +135,13 @@ async def test_large_transfers_both_ways(listener: StreamListener) -> None:
 async def test_input_is_bounded_and_control_still_flows(listener: StreamListener) -> None:
     session = Recorder(consume=False)  # a process that never reads its stdin
     client = await connect(listener, await listener.open(session))
-    writer = asyncio.create_task(client.write(b"x" * (4 * streams.INPUT_WINDOW)))
+    writer = asyncio.create_task(client.write(b"x" * (4 * stream_frames.INPUT_WINDOW)))
     await session.serving.wait()
     assert session.stream is not None
-    await until(lambda: sum(map(len, session.stream._input)) == streams.INPUT_WINDOW, "a full window")
+    await until(lambda: sum(map(len, session.stream._input)) == stream_frames.INPUT_WINDOW, "a full window")
     await asyncio.sleep(0.3)
     # The daemon holds one window of input and no more; the frontend waits for credit.
-    assert sum(map(len, session.stream._input)) == streams.INPUT_WINDOW
+    assert sum(map(len, session.stream._input)) == stream_frames.INPUT_WINDOW
     assert not writer.done()
     # Control frames are not stuck behind the input...
     await client.resize(100, 40)
@@ -222,7 +224,7 @@ async def test_a_daemon_that_dies_is_reported(tmp_path: Path) -> None:
     path = short_tempdir("streams-") / "s.sock"
 
     async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await streams.read_frame(reader)
+        await stream_frames.read_frame(reader)
         writer.transport.abort()  # as the kernel closes a killed daemon's sockets
 
     server = await asyncio.start_unix_server(die, path=str(path))
@@ -261,9 +263,9 @@ async def test_input_beyond_the_credit_breaks_the_stream(listener: StreamListene
     session = Recorder(consume=False)
     token = await listener.open(session)
     reader, writer = await asyncio.open_unix_connection(str(listener.path))
-    writer.write(streams.frame(streams.OPEN, token.encode()))
-    chunk = streams.frame(STDIN, b"z" * streams.MAX_FRAME)
-    for _ in range(streams.INPUT_WINDOW // streams.MAX_FRAME + 1):
+    writer.write(stream_frames.frame(stream_frames.OPEN, token.encode()))
+    chunk = stream_frames.frame(STDIN, b"z" * stream_frames.MAX_FRAME)
+    for _ in range(stream_frames.INPUT_WINDOW // stream_frames.MAX_FRAME + 1):
         writer.write(chunk)
     await writer.drain()
     await asyncio.wait_for(session.closed.wait(), 5)

@@ -33,7 +33,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from shared import identities, privileges
-from shared.bus import streams
+from shared.bus import stream_frames
 from shared.bus.envelope import PROTOCOL_VERSION, Request
 
 TIMEOUT = 5.0
@@ -126,7 +126,7 @@ def stream(probe: dict[str, Any]) -> dict[str, Any]:
         sock.settimeout(TIMEOUT)
         sock.connect(probe["path"])
         try:
-            sock.sendall(streams.frame(streams.OPEN, b"no-such-token"))
+            sock.sendall(stream_frames.frame(stream_frames.OPEN, b"no-such-token"))
         except OSError:
             pass  # a refused peer may find the connection closed already; what came back is still there
         data = b""
@@ -135,10 +135,10 @@ def stream(probe: dict[str, Any]) -> dict[str, Any]:
                 data += chunk
         except OSError:
             pass
-    if len(data) >= streams.HEADER.size:
-        kind, size = streams.HEADER.unpack(data[:streams.HEADER.size])
-        if kind == streams.END:
-            result["end"] = msgpack.unpackb(data[streams.HEADER.size:streams.HEADER.size + size])["error"]
+    if len(data) >= stream_frames.HEADER.size:
+        kind, size = stream_frames.HEADER.unpack(data[:stream_frames.HEADER.size])
+        if kind == stream_frames.END:
+            result["end"] = msgpack.unpackb(data[stream_frames.HEADER.size:stream_frames.HEADER.size + size])["error"]
     return result
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from shared.bus.streams import STDERR, STDOUT, ClientStream, End
+from shared.bus.stream_client import ClientStream
+from shared.bus.stream_frames import STDERR, STDOUT, End
 
 
 async def read_all(client: ClientStream, *, limit: int = 1 << 30) -> tuple[bytes, bytes, End]:

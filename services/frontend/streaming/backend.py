@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.bus.streams import STDOUT, ClientStream, End
+from shared.bus.stream_client import ClientStream
+from shared.bus.stream_frames import STDOUT, End
 from shared.errors import Internal, Unavailable
 
 CALL_TIMEOUT = 30.0
