@@ -58,6 +58,9 @@ class CrioPods:
         self.stack = stack
         self.image = image
         self.cgroup_parent = cgroup_parent
+        # Each start's RunPodSandbox, and its CreateContainer + StartContainer, in seconds.
+        self.run_times: list[float] = []
+        self.create_times: list[float] = []
 
     def start(self) -> str:
         name = f"bench-{secrets.token_hex(4)}"
@@ -69,13 +72,17 @@ class CrioPods:
                 security_context=api_pb2.LinuxSandboxSecurityContext(
                     namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NamespaceMode.CONTAINER))))
         rt = self.stack.runtime
+        started = time.perf_counter()
         pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=60).pod_sandbox_id
+        ran = time.perf_counter()
         container = api_pb2.ContainerConfig(
             metadata=api_pb2.ContainerMetadata(name="sleep"), image=api_pb2.ImageSpec(image=self.image),
             command=["sleep", "3600"], log_path="sleep.log")
         cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=container, sandbox_config=pod), timeout=60).container_id
         rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=60)
+        self.run_times.append(ran - started)
+        self.create_times.append(time.perf_counter() - ran)
         return pod_id
 
     def stop(self, pod_id: str) -> None:
@@ -148,6 +155,9 @@ def measure(name: str, pods: CrioPods | FloorPods) -> list[str]:
         starts.append(timed(lambda: pod.append(pods.start())))
         stops.append(timed(lambda: pods.stop(pod[0])))
     lines = [report(f"{name} start, one at a time", starts), report(f"{name} teardown, one at a time", stops)]
+    if isinstance(pods, CrioPods):
+        lines += [report("  RunPodSandbox, one at a time", pods.run_times),
+                  report("  Create+StartContainer, one at a time", pods.create_times)]
     starts, stops = [], []
     with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:
         for _ in range(ROUNDS):
