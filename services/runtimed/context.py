@@ -26,6 +26,9 @@ class Context:
         self.records = Records(self.state_dir)
         self.events = Events()
         self.exit_notices = ExitNotices()
+        # Reserved pods whose network-free part is made (sandbox_run.prepare); in memory only,
+        # so that after a restart a pod is prepared again from a clean slate.
+        self.prepared: set[str] = set()
         self.features = Features()
         self.stats = StatsReader()
 

@@ -118,6 +118,7 @@ RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, metho
     "runtime_config": retried(FRONTEND),
     "runtime_version": retried(FRONTEND),
     "reserve_sandbox": retried(FRONTEND),
+    "prepare_sandbox": retried(FRONTEND),
     "create_sandbox": retried(FRONTEND),
     "release_sandbox": retried(FRONTEND),
     "stop_sandbox": retried(FRONTEND),
