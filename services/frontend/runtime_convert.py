@@ -95,16 +95,6 @@ class Story:
         _in_progress[self.key] = _STAGES.get((daemon, method), f"{daemon} {method}")
         self.at = f"{daemon}.{method}"
 
-    async def together(self, *steps: Awaitable[Any]) -> list[Any]:
-        """Run steps at the same time; their results in order. Every step ends before a failure
-        is raised (the first step's failure before the others'), so that undo steps never run
-        beside a step still at work."""
-        results = await asyncio.gather(*steps, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results
-
     def finished(self) -> None:
         _in_progress.pop(self.key, None)
 

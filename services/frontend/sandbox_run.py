@@ -13,6 +13,7 @@ from cri_api.v1 import api_pb2
 from services.frontend.registry import CallContext, cri_method
 from services.frontend.runtime_convert import Story, detached, note_if_stalled, remaining, to_dict
 from shared.errors import InvalidArgument
+from shared.together import together
 
 
 @cri_method("RunPodSandbox")
@@ -35,7 +36,7 @@ async def run_pod_sandbox(request: api_pb2.RunPodSandboxRequest, call: CallConte
         netns_path, ips = None, []
         try:
             if not host_network:
-                network, _ = await story.together(
+                network, _ = await together(
                     story.step("netd", "attach", pod_id=pod_id, pod_name=config.metadata.name,
                                pod_namespace=config.metadata.namespace, pod_uid=config.metadata.uid,
                                port_mappings=[to_dict(p) for p in config.port_mappings]),
