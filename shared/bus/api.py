@@ -89,6 +89,7 @@ STORAGED = _daemon("storaged", network=False, methods={
 
 IMAGED = _daemon("imaged", methods={
     "pull": retried(FRONTEND),
+    "pull_progress": retried(FRONTEND),
     "mark_ready": retried(FRONTEND),
     "abandon": retried(FRONTEND),
     "layer_blobs": retried(FRONTEND),
