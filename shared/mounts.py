@@ -1,7 +1,7 @@
 """mount(2) and umount2(2) through libc; failures are OSError with the errno.
 
-Only the standard library is imported here: the small helper programs that
-run in a new namespace (runtimed's pin_child.py) use it too.
+Only the standard library is imported here, so that small helper programs
+running in another namespace may use it too.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""CreateContainer: runtimed reserves the name -> imaged finds the image -> storaged makes the rootfs
--> runtimed builds the OCI spec and creates the container under conmon.
+"""CreateContainer: runtimed reserves the name while imaged finds the image -> storaged makes the
+rootfs -> runtimed builds the OCI spec and creates the container under conmon.
 
 A retry with the same name while the first call still runs waits for it and
 gets the same container. Each step is undone when a later one fails.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from cri_api.v1 import api_pb2
 
@@ -28,9 +30,13 @@ async def create_container(request: api_pb2.CreateContainerRequest,
         raise InvalidArgument("container config needs an image")
     key = f"container {request.pod_sandbox_id}/{config.metadata.name}/{config.metadata.attempt}"
     note_if_stalled(key)
-    reserved = await call.daemon("runtimed", "reserve_container", sandbox_id=request.pod_sandbox_id,
-                                 config=to_dict(config), timeout=remaining(call), token=call.request_id,
-                                 holder=call.daemons.instance)
+    reserved, record = await asyncio.gather(
+        call.daemon("runtimed", "reserve_container", sandbox_id=request.pod_sandbox_id,
+                    config=to_dict(config), timeout=remaining(call), token=call.request_id,
+                    holder=call.daemons.instance),
+        call.daemon("imaged", "image_status", reference=image), return_exceptions=True)
+    if isinstance(reserved, BaseException):
+        raise reserved  # the reservation's refusal comes first, whatever the image
     container_id = reserved["id"]
     if not reserved["created"]:
         return api_pb2.CreateContainerResponse(container_id=container_id)
@@ -39,7 +45,8 @@ async def create_container(request: api_pb2.CreateContainerRequest,
     async def make() -> None:
         rootfs_made = False
         try:
-            record = await story.step("imaged", "image_status", reference=image)
+            if isinstance(record, BaseException):
+                raise record
             if record is None:
                 raise NotFound(f"image {image} is not pulled")
             rootfs = await image_layers.create_rootfs(story, container_id, record)

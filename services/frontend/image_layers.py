@@ -12,6 +12,11 @@ file system needs. Two races would lose layers a story is about to use:
   pull ended its lease. The frontend is the only caller of both, so ending a
   lease and a collection never interleave here (`_COLLECTING`).
 
+While imaged downloads a pull's layers, `EarlyUnpacks` has storaged unpack
+them under the pull's lease as they arrive: each time the stored layers reach
+further up from the bottom, that stack is unpacked, so that the pull's own
+unpack at the end finds most of its work done.
+
 CreateContainer uses the same lease when storaged lost an image's layers (a
 record torn by a power cut): they are unpacked again from imaged's blobs.
 """
@@ -37,6 +42,55 @@ async def unpack(story: Story, layers: list[dict[str, Any]], lease: str) -> dict
     # The lease outlives the story's own deadline by the time its undo steps get.
     seconds = max(1.0, story.deadline - time.time()) + UNDO_TIMEOUT
     return await story.step("storaged", "unpack", layers=layers, lease=lease, lease_seconds=seconds)
+
+
+class EarlyUnpacks:
+    """The layers of a running pull unpacked as imaged stores them (see the module's description)."""
+
+    def __init__(self, story: Story, lease: str) -> None:
+        self.story = story
+        self.lease = lease
+        # Chain ids the early unpacks made or found, for the undo of a pull that fails.
+        self.chain_ids: set[str] = set()
+        self.error: BaseException | None = None
+        self._stack = 0  # layers from the bottom handed to storaged so far
+        self._unpacks: list[asyncio.Task[None]] = []
+
+    async def follow(self, reference: str, auth: dict[str, Any] | None) -> None:
+        """Until the pull ends: ask imaged what it stored, unpack what can be. Raises nothing: a
+        failure to follow only loses the head start, an unpack's failure is kept for `check`."""
+        known = 0
+        try:
+            while self.error is None:
+                progress = await self.story.step("imaged", "pull_progress", reference=reference, auth=auth,
+                                                 fetched=known)
+                if progress is None:
+                    break
+                known = len(progress["fetched"])
+                self._offer(progress["layers"], set(progress["fetched"]))
+        except Exception as e:
+            log.info("pull_progress_lost", image=reference, error=str(e))
+        await asyncio.gather(*self._unpacks, return_exceptions=True)
+
+    def _offer(self, layers: list[dict[str, Any]], fetched: set[int]) -> None:
+        stack = 0
+        while stack < len(layers) and stack in fetched:
+            stack += 1
+        if stack > self._stack:
+            self._stack = stack
+            self._unpacks.append(asyncio.ensure_future(self._unpack(layers[:stack])))
+
+    async def _unpack(self, layers: list[dict[str, Any]]) -> None:
+        try:
+            unpacked = await unpack(self.story, layers, self.lease)
+            self.chain_ids.update(unpacked["chain_ids"])
+        except BaseException as e:
+            self.error = self.error or e
+
+    def check(self) -> None:
+        """Raise the failure of an early unpack (a layer storaged refused)."""
+        if self.error is not None:
+            raise self.error
 
 
 async def release(story: Story, lease: str) -> None:

@@ -9,6 +9,7 @@ RemoveImage meanwhile cannot delete them.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
@@ -41,11 +42,21 @@ async def _pull(reference: str, auth: api_pb2.AuthConfig, call: CallContext) -> 
     lease = f"pull {call.request_id}"
 
     async def pull() -> str:
-        # A failed fetch leaves no temporary file (nor, on a full disk, its blobs); a failed unpack no layer.
-        pulled = await story.step("imaged", "pull", reference=reference, auth=auth_params(auth))
+        # Layers are unpacked as they arrive (each under the lease), while imaged fetches the rest.
+        early = image_layers.EarlyUnpacks(story, lease)
+        params = auth_params(auth)
+        pulled, _ = await asyncio.gather(story.step("imaged", "pull", reference=reference, auth=params),
+                                         early.follow(reference, params), return_exceptions=True)
+        if isinstance(pulled, BaseException):
+            # A failed fetch leaves no temporary file (nor, on a full disk, its blobs); what was
+            # unpacked of it goes too.
+            await _undo_unpacks(story, lease, early.chain_ids)
+            raise pulled
         image_id = pulled["image_id"]
         unpacked: dict[str, Any] | None = None
         try:
+            early.check()
+            # Most layers are there by now: this unpacks what is left and measures the stack.
             unpacked = await image_layers.unpack(story, pulled["layers"], lease)
             # The image's size is its layers as unpacked: storaged measured them, imaged keeps the record.
             await story.step("imaged", "set_top_layer", image_id=image_id, top_layer=unpacked.get("top_layer"),
@@ -57,14 +68,22 @@ async def _pull(reference: str, auth: api_pb2.AuthConfig, call: CallContext) -> 
             # ready goes, with the blobs only it needed, then the layers unpacked for it that no
             # other image uses. A retry starts over (a full disk needs that room back).
             await story.undo("imaged", "abandon", image_id=image_id)
-            await image_layers.release(story, lease)
-            if unpacked is not None:
-                await image_layers.collect(story.undo, only=unpacked["chain_ids"])
+            await _undo_unpacks(story, lease, early.chain_ids | set(unpacked["chain_ids"] if unpacked else ()))
             raise
         # imaged lists the image now, and its top layer keeps the layers.
         await image_layers.release(story, lease)
+        stray = early.chain_ids - set(unpacked["chain_ids"])
+        if stray:  # unpacked from layers a mirror failed over from: no image has them
+            await image_layers.collect(story.undo, only=sorted(stray))
         log.info("image_pulled", image=reference, image_id=image_id, layers=len(pulled["layers"]),
                  unpacked_size=unpacked["unpacked_size"])
         return image_id
 
     return await detached(story, pull, answer_by=call.deadline)
+
+
+async def _undo_unpacks(story: Story, lease: str, chain_ids: set[str]) -> None:
+    """End the pull's lease, and delete the layers it unpacked that nothing else needs."""
+    await image_layers.release(story, lease)
+    if chain_ids:
+        await image_layers.collect(story.undo, only=sorted(chain_ids))

@@ -51,6 +51,7 @@ def remaining(call: CallContext, margin: float = 1.0) -> float:
 # retry that finds its first request still at work says where that one is stalled.
 _STAGES = {
     ("netd", "attach"): "sandbox network creation",
+    ("runtimed", "prepare_sandbox"): "sandbox runtime creation",
     ("runtimed", "create_sandbox"): "sandbox runtime creation",
     ("imaged", "image_status"): "container image lookup",
     ("storaged", "create_rootfs"): "container storage creation",
@@ -76,12 +77,23 @@ class Story:
         self.call = call
         self.key = key
         self.deadline = call.deadline + DETACHED_GRACE
-        self.at = ""  # the step running, "daemon.method"
+        self.at = ""  # the step running (the earliest started of those running), "daemon.method"
+        self._running: list[tuple[str, str]] = []
 
     async def step(self, daemon: str, method: str, **params: Any) -> Any:
+        self._running.append((daemon, method))
+        self._show()
+        try:
+            return await self.call.daemons.call(daemon, method, deadline=self.deadline, **params)
+        finally:
+            self._running.remove((daemon, method))
+            if self._running:
+                self._show()
+
+    def _show(self) -> None:
+        daemon, method = self._running[0]
         _in_progress[self.key] = _STAGES.get((daemon, method), f"{daemon} {method}")
         self.at = f"{daemon}.{method}"
-        return await self.call.daemons.call(daemon, method, deadline=self.deadline, **params)
 
     def finished(self) -> None:
         _in_progress.pop(self.key, None)

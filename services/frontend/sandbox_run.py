@@ -1,4 +1,5 @@
-"""RunPodSandbox: runtimed reserves the pod -> netd attaches it to the network -> runtimed makes it.
+"""RunPodSandbox: runtimed reserves the pod -> netd attaches it to the network while runtimed
+prepares what needs no network -> runtimed makes it.
 
 A retry with the same pod name while the first call still runs waits for it
 in runtimed and returns the same pod id. Each step is undone when a later one
@@ -12,6 +13,7 @@ from cri_api.v1 import api_pb2
 from services.frontend.registry import CallContext, cri_method
 from services.frontend.runtime_convert import Story, detached, note_if_stalled, remaining, to_dict
 from shared.errors import InvalidArgument
+from shared.together import together
 
 
 @cri_method("RunPodSandbox")
@@ -34,10 +36,11 @@ async def run_pod_sandbox(request: api_pb2.RunPodSandboxRequest, call: CallConte
         netns_path, ips = None, []
         try:
             if not host_network:
-                network = await story.step(
-                    "netd", "attach", pod_id=pod_id, pod_name=config.metadata.name,
-                    pod_namespace=config.metadata.namespace, pod_uid=config.metadata.uid,
-                    port_mappings=[to_dict(p) for p in config.port_mappings])
+                network, _ = await together(
+                    story.step("netd", "attach", pod_id=pod_id, pod_name=config.metadata.name,
+                               pod_namespace=config.metadata.namespace, pod_uid=config.metadata.uid,
+                               port_mappings=[to_dict(p) for p in config.port_mappings]),
+                    story.step("runtimed", "prepare_sandbox", sandbox_id=pod_id))
                 netns_path, ips = network["netns_path"], network.get("ips") or []
             await story.step("runtimed", "create_sandbox", sandbox_id=pod_id, netns_path=netns_path, ips=ips)
         except BaseException:

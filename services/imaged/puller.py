@@ -4,6 +4,8 @@ Two pulls of the same reference share one task; two pulls that need the
 same blob share its download; blobs already in the store are not fetched.
 Layers download in parallel, at most `max_parallel_downloads` at once per
 pull. The record is stored (not yet ready) only once every blob is stored.
+While a pull runs, `progress` tells which of its layers are stored already,
+so that the frontend has storaged unpack them before the last one arrives.
 """
 
 from __future__ import annotations
@@ -30,6 +32,42 @@ from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotF
 log = structlog.get_logger(__name__)
 
 
+class _Job:
+    """One pull in progress: its task, and its layers as they are stored (for `progress`)."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[dict[str, Any]] | None = None
+        # The layers, bottom first, as the pull's reply lists them; None until the config is read.
+        self.layers: list[dict[str, Any]] | None = None
+        self.fetched: set[int] = set()
+        # Another endpoint (a mirror failing over) gave other layers: progress is not told any more.
+        self.changed_layers = False
+        self._news = asyncio.Event()
+
+    def start(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        self.task = task
+        task.add_done_callback(lambda _: self.tell())
+
+    def tell(self) -> None:
+        self._news.set()
+        self._news = asyncio.Event()
+
+    async def news(self) -> None:
+        await self._news.wait()
+
+    def describe(self, layers: list[dict[str, Any]]) -> None:
+        if self.layers is None:
+            self.layers = layers
+        elif self.layers != layers:
+            self.changed_layers = True
+        self.tell()
+
+    def stored(self, index: int) -> None:
+        if not self.changed_layers:
+            self.fetched.add(index)
+            self.tell()
+
+
 def _first_error(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
@@ -48,7 +86,7 @@ class Puller:
         self.host_auth: dict[str, HostAuth] = {}
         self.platform = mf.parse_platform(config.crio.image.image_platform)
         self.parallel = max(1, config.crio.image.max_parallel_downloads)
-        self._pulls: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._pulls: dict[str, _Job] = {}
         self._blobs: dict[str, asyncio.Task[Path]] = {}
         self._blob_waiters: dict[str, int] = {}
         pause = config.crio.image.pause_image
@@ -62,7 +100,7 @@ class Puller:
         return set(self._blobs)
 
     async def close(self) -> None:
-        tasks = [*self._pulls.values(), *self._blobs.values()]
+        tasks = [*(job.task for job in self._pulls.values() if job.task), *self._blobs.values()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -83,33 +121,55 @@ class Puller:
         assert last is not None
         raise last
 
+    async def progress(self, text: str, auth: dict | None, fetched: int) -> dict[str, Any] | None:
+        """The layers of the pull of `text` that runs now, once more than `fetched` of them are stored:
+        {"layers": [...as `pull` returns them], "fetched": [their indexes]}. None when no such pull
+        runs, or when it will not tell more (it ended, or its layers changed)."""
+        creds = auth_mod.from_cri(auth)
+        conf = self.registries.get()
+        candidates = refs.candidates(text, conf.unqualified_search_registries)
+        job = next((j for j in (self._pulls.get(self._key(ref, creds)) for ref in candidates) if j is not None), None)
+        if job is None:
+            return None
+        while job.task is not None and not job.task.done() and not job.changed_layers:
+            if job.layers is not None and len(job.fetched) > fetched:
+                return {"layers": job.layers, "fetched": sorted(job.fetched)}
+            await job.news()
+        return None
+
+    @staticmethod
+    def _key(ref: refs.Reference, creds: Credentials | None) -> str:
+        return f"{ref}|{creds.key() if creds else ''}"
+
     async def _pull_once(self, ref: refs.Reference, creds: Credentials | None) -> dict[str, Any]:
-        key = f"{ref}|{creds.key() if creds else ''}"
-        task = self._pulls.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._pull_ref(ref, creds), name=f"pull {ref}")
-            self._pulls[key] = task
-            task.add_done_callback(lambda t: self._forget_pull(key, t))
+        key = self._key(ref, creds)
+        job = self._pulls.get(key)
+        if job is None:
+            job = self._pulls[key] = _Job()
+            job.start(asyncio.get_running_loop().create_task(self._pull_ref(ref, creds, job), name=f"pull {ref}"))
+            job.task.add_done_callback(lambda t: self._forget_pull(key, t))
         else:
             log.info("pull_joined", image=str(ref))
+        assert job.task is not None
         # A caller that gives up must not cancel the pull others wait for.
-        return await asyncio.shield(task)
+        return await asyncio.shield(job.task)
 
     def _forget_pull(self, key: str, task: asyncio.Task[dict[str, Any]]) -> None:
-        if self._pulls.get(key) is task:
+        job = self._pulls.get(key)
+        if job is not None and job.task is task:
             del self._pulls[key]
         if not task.cancelled() and task.exception() is not None:
             # Retrieved here too, for a pull whose callers all gave up before it ended.
             log.info("pull_failed", pull=key.split("|")[0], error=str(task.exception()))
 
-    async def _pull_ref(self, ref: refs.Reference, creds: Credentials | None) -> dict[str, Any]:
+    async def _pull_ref(self, ref: refs.Reference, creds: Credentials | None, job: _Job) -> dict[str, Any]:
         entry, endpoints = self.registries.get().endpoints(ref)
         if entry is not None and entry.blocked:
             raise PermissionDenied(f"pulling image {ref}: registry {entry.prefix} is blocked in registries.conf")
         last: BaseException | None = None
         for ep in endpoints:
             try:
-                return await self._pull_from(ep, ref, creds)
+                return await self._pull_from(ep, ref, creds, job)
             except CriopyError as e:
                 if not ep.mirror:
                     raise
@@ -119,7 +179,8 @@ class Puller:
 
     # -- one endpoint --------------------------------------------------------
 
-    async def _pull_from(self, ep: Endpoint, ref: refs.Reference, creds: Credentials | None) -> dict[str, Any]:
+    async def _pull_from(self, ep: Endpoint, ref: refs.Reference, creds: Credentials | None,
+                         job: _Job) -> dict[str, Any]:
         if creds is None:
             creds = await asyncio.to_thread(auth_mod.from_auth_file, self.config.crio.image.global_auth_file,
                                             ep.host, ep.path)
@@ -148,23 +209,26 @@ class Puller:
         if len(diff_ids) != len(manifest.layers):
             raise InvalidArgument(f"{where}: config lists {len(diff_ids)} diff ids for {len(manifest.layers)} layers")
 
+        layers = [{"digest": d.digest, "diff_id": diff, "media_type": d.media_type, "size": d.size}
+                  for d, diff in zip(manifest.layers, diff_ids)]
+        job.describe([{**l, "path": str(self.store.path(l["digest"]))} for l in layers])
         limit = asyncio.Semaphore(self.parallel)
 
-        async def layer(d: mf.Descriptor) -> Path:
+        async def layer(index: int, d: mf.Descriptor) -> Path:
             async with limit:
-                return await self._blob(client, d, "layer")
+                path = await self._blob(client, d, "layer")
+            job.stored(index)
+            return path
 
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(layer(d)) for d in manifest.layers]
+                tasks = [tg.create_task(layer(i, d)) for i, d in enumerate(manifest.layers)]
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
         paths = [t.result() for t in tasks]
 
         await asyncio.to_thread(lambda: [self.store.put_verified(d, b, what=f"{where}: manifest {d}")
                                          for d, b in meta_blobs.items()])
-        layers = [{"digest": d.digest, "diff_id": diff, "media_type": d.media_type, "size": d.size}
-                  for d, diff in zip(manifest.layers, diff_ids)]
         image = {
             "id": manifest.config.digest,
             "manifest_digest": manifest_digest,

@@ -232,6 +232,13 @@ class Imaged(Service):
         return removed
 
     @method
+    async def pull_progress(self, reference: str, auth: dict | None = None, fetched: int = 0) -> dict | None:
+        """Of the pull of `reference` that runs now, its layers once more than `fetched` of them are
+        stored ({"layers", "fetched": indexes}); None when no such pull runs or it will tell no more."""
+        assert self.puller is not None
+        return await self.puller.progress(reference, auth, fetched)
+
+    @method
     async def mark_ready(self, image_id: str) -> dict:
         """List the image, and move to it the names (tags, digests) its pulls asked for."""
         assert self.records is not None

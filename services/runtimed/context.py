@@ -6,6 +6,7 @@ import os
 
 from services.runtimed.cgroup_stats import StatsReader
 from services.runtimed.events import Events
+from services.runtimed.exit_notices import ExitNotices
 from services.runtimed.features import Features
 from services.runtimed.records import Records
 from services.runtimed.runc import Runc
@@ -24,6 +25,10 @@ class Context:
         self.systemd = self.rc.cgroup_manager == "systemd"
         self.records = Records(self.state_dir)
         self.events = Events()
+        self.exit_notices = ExitNotices()
+        # Reserved pods whose network-free part is made (sandbox_run.prepare); in memory only,
+        # so that after a restart a pod is prepared again from a clean slate.
+        self.prepared: set[str] = set()
         self.features = Features()
         self.stats = StatsReader()
 

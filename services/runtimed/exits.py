@@ -3,8 +3,8 @@
 conmon writes a container's exit code into `<exit dir>/<id>` when the
 container's process ends (and an `oom` file when the kernel killed it for
 memory). runtimed reads it whenever it looks at a container, and
-exit_watcher.py polls it for every live container, so that the exit event goes
-out even when nobody asks.
+exit_watcher.py is told by inotify as soon as it is written, so that the exit
+event goes out even when nobody asks, and a stop returns at once.
 """
 
 from __future__ import annotations
@@ -108,13 +108,30 @@ async def wait_file(path: str, timeout: float) -> bool:
     return True
 
 
-async def wait_exit(ctx: Context, rec: dict[str, Any], timeout: float) -> bool:
-    """Whether the container exited within `timeout` seconds."""
+async def wait_exit_file(ctx: Context, name: str, timeout: float) -> bool:
+    """Whether the exit file `name` (a container's id, or a pod's for its infra process) appeared
+    within `timeout` seconds."""
+    path = os.path.join(ctx.exit_dir, name)
     deadline = time.monotonic() + timeout
     while True:
-        await refresh(ctx, rec)
-        if rec["state"] == "exited":
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
+        with ctx.exit_notices.expect(name) as seen:
+            if os.path.exists(path):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await ctx.exit_notices.wait(seen, left)
+
+
+async def wait_exit(ctx: Context, rec: dict[str, Any], timeout: float) -> bool:
+    """Whether the container exited within `timeout` seconds; returns as soon as its exit file is written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with ctx.exit_notices.expect(rec["id"]) as seen:
+            await refresh(ctx, rec)
+            if rec["state"] == "exited":
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await ctx.exit_notices.wait(seen, left)

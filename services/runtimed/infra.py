@@ -120,7 +120,7 @@ async def stop(ctx: Context, rec: dict[str, Any], *, delete: bool) -> None:
             await runc.kill(rec["id"], "KILL", all_processes=True)
         except (NotFound, Internal) as e:
             log.warning("infra_kill_failed", sandbox_id=rec["id"], error=str(e))
-        await exits.wait_file(os.path.join(ctx.exit_dir, rec["id"]), EXIT_WAIT)
+        await exits.wait_exit_file(ctx, rec["id"], EXIT_WAIT)
     if delete:
         await runc.delete(rec["id"], force=True)
         await conmon.wait_gone(infra.get("conmon_pid"), infra.get("conmon_start"))

@@ -1,4 +1,4 @@
-"""RemovePodSandbox: remove the pod's containers (reserved ones too), then everything the pod made."""
+"""RemovePodSandbox: remove the pod's containers (reserved ones too; all at once), then everything the pod made."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from services.runtimed import container_remove, sandbox_run
 from services.runtimed.context import Context
 from services.runtimed.records import SANDBOXES
 from shared import faults
+from shared.together import together
 
 log = structlog.get_logger(__name__)
 
@@ -21,10 +22,9 @@ async def remove(ctx: Context, sandbox_id: str) -> dict[str, Any]:
     rec = records.known_sandbox(sandbox_id)
     if rec is None:
         return {"id": "", "removed_containers": []}
-    removed = []
-    for c in records.containers_of(rec["id"]):
-        await container_remove.remove_record(ctx, c)
-        removed.append(c["id"])
+    containers = records.containers_of(rec["id"])
+    await together(*(container_remove.remove_record(ctx, c) for c in containers))
+    removed = [c["id"] for c in containers]
     faults.point("runtimed.remove_sandbox.after_containers")
     async with records.lock(rec["id"]):
         if rec["id"] in records.sandboxes:

@@ -1,8 +1,16 @@
 """Making a reserved pod: its directories, /etc files, IPC and UTS namespaces, /dev/shm, cgroup and infra process.
 
-Each step is undone by `teardown` when a later one fails (and at start, for a
-creation cut off by a restart); every undo step tolerates the absence of what
-it removes.
+Two calls, so that the part that does not need the pod's network runs while
+netd attaches it: `prepare` makes the directories, hostname and resolv.conf,
+the pinned IPC and UTS namespaces, /dev/shm and the cgroup; `create`, given
+the network namespace and the pod's IPs, writes /etc/hosts and the net.*
+sysctls, starts the infra process when there is one, and marks the pod
+ready (doing the preparation itself when nobody asked for it first).
+
+A pod stays reserved while prepared: a retry that takes the reservation over
+prepares it again, and `release` undoes it. Each step is undone by
+`teardown` when a later one fails (and at start, for a creation cut off by a
+restart); every undo step tolerates the absence of what it removes.
 """
 
 from __future__ import annotations
@@ -28,8 +36,21 @@ DEFAULT_CGROUP_PARENT = "/criopy"
 SHM_SIZE = "65536k"
 
 
+async def prepare(ctx: Context, sandbox_id: str) -> dict[str, Any]:
+    """Make what the reserved pod needs before its network: directories, files, namespaces, shm, cgroup."""
+    records = ctx.records
+    rec = records.sandbox(sandbox_id)
+    async with records.lock(rec["id"]):
+        if rec["state"] in SANDBOX_STATES:
+            return {"id": rec["id"], "state": SANDBOX_STATES[rec["state"]]}
+        if rec["state"] != "reserved":
+            raise FailedPrecondition(f"pod sandbox {sandbox_id} is {rec['state']}")
+        await _prepare(ctx, rec)
+    return {"id": rec["id"], "state": "reserved"}
+
+
 async def create(ctx: Context, sandbox_id: str, netns_path: str | None, ips: list | None) -> dict[str, Any]:
-    """Make the reserved pod: directory, namespaces, files, cgroup, infra process."""
+    """Make the reserved pod: what `prepare` makes (unless done), hosts, net sysctls, infra process."""
     records = ctx.records
     rec = records.sandbox(sandbox_id)
     async with records.lock(rec["id"]):
@@ -43,7 +64,8 @@ async def create(ctx: Context, sandbox_id: str, netns_path: str | None, ips: lis
         await records.save_sandbox(rec)
         faults.point("runtimed.create_sandbox.after_record")
         try:
-            await _setup(ctx, rec)
+            await _prepare(ctx, rec)
+            await _finish(ctx, rec)
         except BaseException:
             await teardown(ctx, rec, remove=True)
             await records.back_to_reserved(SANDBOXES, rec)
@@ -81,6 +103,21 @@ def _sysctls(ctx: Context, linux: dict[str, Any], *, host_ipc: bool, host_networ
     return namespaces.check_sysctls(sysctls, host_ipc=host_ipc, host_network=host_network)
 
 
+async def _prepare(ctx: Context, rec: dict[str, Any]) -> None:
+    """Make the pod's directories, files, namespaces, shm and cgroup, unless done already;
+    what a preparation cut off earlier left is removed first, and a failure undoes it all."""
+    if rec["id"] in ctx.prepared:
+        return
+    if rec.get("dir"):
+        await teardown(ctx, rec, remove=True)
+    try:
+        await _setup(ctx, rec)
+    except BaseException:
+        await teardown(ctx, rec, remove=True)
+        raise
+    ctx.prepared.add(rec["id"])
+
+
 async def _setup(ctx: Context, rec: dict[str, Any]) -> None:
     cfg = rec["config"]
     linux = cfg.get("linux") or {}
@@ -90,11 +127,7 @@ async def _setup(ctx: Context, rec: dict[str, Any]) -> None:
     ipc_mode = spec_values.ns_mode(ns, "ipc")
     pid_mode = spec_values.ns_mode(ns, "pid")
     host_network = net_mode == "NODE"
-    if not host_network and not rec.get("netns_path"):
-        log.info("sandbox_without_netns", sandbox_id=rec["id"])
     pod_dir, run_dir = ctx.sandbox_paths(rec["id"])
-    os.makedirs(pod_dir, mode=0o755, exist_ok=True)
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
     if host_network:
         hostname = os.uname().nodename
     else:
@@ -103,6 +136,16 @@ async def _setup(ctx: Context, rec: dict[str, Any]) -> None:
     if not os.path.isabs(log_directory):
         raise InvalidArgument(f"log_directory must be absolute: {log_directory!r}")
     sysctls = _sysctls(ctx, linux, host_ipc=ipc_mode == "NODE", host_network=host_network)
+    parent = linux.get("cgroup_parent") or DEFAULT_CGROUP_PARENT
+    cgroups_made: list[str] = []
+    if ctx.systemd:
+        if not parent.endswith(".slice"):
+            raise InvalidArgument(f"cgroup parent for the systemd driver must be a .slice: {parent!r}")
+    else:
+        parent = cgroups.check_parent(parent)
+        cgroups_made = cgroups.missing(parent)
+    # Everything this makes is recorded before it is made, so that an undo (or the start
+    # after a crash) knows what to remove.
     rec.update(
         dir=pod_dir, run_dir=run_dir, hostname=hostname, log_directory=log_directory,
         network_mode=net_mode, ipc_mode=ipc_mode, pid_mode=pid_mode,
@@ -113,15 +156,16 @@ async def _setup(ctx: Context, rec: dict[str, Any]) -> None:
         ipc_ns_path=None if ipc_mode == "NODE" else os.path.join(run_dir, "ipcns"),
         uts_ns_path=None if host_network else os.path.join(run_dir, "utsns"),
         shm_path=None if ipc_mode == "NODE" else os.path.join(run_dir, "shm"),
-        sysctls=sysctls, infra=None, cgroups_made=[],
+        sysctls=sysctls, infra=None, cgroup_parent=parent, cgroups_made=cgroups_made,
     )
+    await ctx.records.save_sandbox(rec)
+    os.makedirs(pod_dir, mode=0o755, exist_ok=True)
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
     podfiles.write_hostname(rec["hostname_path"], hostname)
-    podfiles.write_hosts(rec["hosts_path"], hostname, rec.get("ips") or [], host_network=host_network)
     podfiles.write_resolv(rec["resolv_path"], cfg.get("dns_config"))
     os.makedirs(log_directory, mode=0o755, exist_ok=True)
-    await ctx.records.save_sandbox(rec)
     await namespaces.pin(ipc_path=rec["ipc_ns_path"], uts_path=rec["uts_ns_path"], hostname=hostname,
-                         sysctls=sysctls, netns=rec.get("netns_path"))
+                         sysctls=sysctls)
     faults.point("runtimed.create_sandbox.after_namespaces")
     if rec["shm_path"]:
         os.makedirs(rec["shm_path"], mode=0o755, exist_ok=True)
@@ -129,24 +173,26 @@ async def _setup(ctx: Context, rec: dict[str, Any]) -> None:
             mount("shm", rec["shm_path"], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode=1777,size={SHM_SIZE}")
         except OSError as e:
             raise Internal(f"mounting the pod's /dev/shm: {e}") from None
-    parent = linux.get("cgroup_parent") or DEFAULT_CGROUP_PARENT
-    if ctx.systemd:
-        if not parent.endswith(".slice"):
-            raise InvalidArgument(f"cgroup parent for the systemd driver must be a .slice: {parent!r}")
-    else:
-        parent = cgroups.check_parent(parent)
-        rec["cgroups_made"] = cgroups.missing(parent)
-    rec["cgroup_parent"] = parent
-    await ctx.records.save_sandbox(rec)
     if not ctx.systemd:
         cgroups.create(parent)
-    if pid_mode == "POD":
+
+
+async def _finish(ctx: Context, rec: dict[str, Any]) -> None:
+    """What needs the pod's network: /etc/hosts with its IPs, net.* sysctls, and the infra process."""
+    host_network = rec["network_mode"] == "NODE"
+    if not host_network and not rec.get("netns_path"):
+        log.info("sandbox_without_netns", sandbox_id=rec["id"])
+    podfiles.write_hosts(rec["hosts_path"], rec["hostname"], rec.get("ips") or [], host_network=host_network)
+    await namespaces.set_net_sysctls(rec.get("netns_path"), rec["sysctls"])
+    if rec["pid_mode"] == "POD":
         await infra.start(ctx, rec)
         faults.point("runtimed.create_sandbox.after_infra")
 
 
 async def teardown(ctx: Context, rec: dict[str, Any], *, remove: bool) -> None:
     """Undo what creation made (all of it when `remove`, else only what runs); every step tolerates absence."""
+    if remove:
+        ctx.prepared.discard(rec["id"])
     try:
         await infra.stop(ctx, rec, delete=remove)
     except Exception as e:

@@ -1,4 +1,4 @@
-"""StopPodSandbox: stop every container of the pod and its infra process; the pod stays listed."""
+"""StopPodSandbox: stop every container of the pod (all at once), then its infra process; the pod stays listed."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from services.runtimed import container_stop, exits, sandbox_run
 from services.runtimed.context import Context
 from services.runtimed.records import SANDBOX_STATES
 from shared import faults
+from shared.together import together
 
 
 async def stop(ctx: Context, sandbox_id: str) -> dict[str, Any]:
@@ -17,9 +18,8 @@ async def stop(ctx: Context, sandbox_id: str) -> dict[str, Any]:
     rec = records.known_sandbox(sandbox_id)
     if rec is None:
         return {"id": ""}
-    for c in records.containers_of(rec["id"]):
-        if c["state"] in exits.LIVE:
-            await container_stop.stop_record(ctx, c, 0)
+    await together(*(container_stop.stop_record(ctx, c, 0)
+                     for c in records.containers_of(rec["id"]) if c["state"] in exits.LIVE))
     faults.point("runtimed.stop_sandbox.after_containers")
     async with records.lock(rec["id"]):
         if rec["state"] not in SANDBOX_STATES:

@@ -140,6 +140,11 @@ class Runtimed(Service):
         return await reservations.reserve_sandbox(self.ctx, config, runtime_handler, timeout, token, holder)
 
     @method
+    async def prepare_sandbox(self, sandbox_id: str) -> dict:
+        """Make the part of the reserved pod that needs no network, while netd attaches it."""
+        return await sandbox_run.prepare(self.ctx, sandbox_id)
+
+    @method
     async def create_sandbox(self, sandbox_id: str, netns_path: str | None = None,
                              ips: list | None = None) -> dict:
         """Make the reserved pod: directory, namespaces, files, cgroup, infra process."""

@@ -107,6 +107,7 @@ STORAGED = _daemon("storaged", network=False, methods={
 # Its images' changes go to the frontend's read model (shared/bus/feed.py), on its event socket.
 IMAGED = _daemon("imaged", publishes_events=True, methods={
     "pull": retried(FRONTEND),
+    "pull_progress": retried(FRONTEND),
     "mark_ready": retried(FRONTEND),
     "abandon": retried(FRONTEND),
     "layer_blobs": retried(FRONTEND),
@@ -138,6 +139,7 @@ RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, metho
     "runtime_config": retried(FRONTEND),
     "runtime_version": retried(FRONTEND),
     "reserve_sandbox": retried(FRONTEND),
+    "prepare_sandbox": retried(FRONTEND),
     "create_sandbox": retried(FRONTEND),
     "release_sandbox": retried(FRONTEND),
     "stop_sandbox": retried(FRONTEND),

@@ -63,6 +63,9 @@ class CrioPods:
         self.image = image
         self.cgroup_parent = cgroup_parent
         self.calls: dict[str, list[float]] = defaultdict(list)
+        # Each sequential start's RunPodSandbox, and its CreateContainer + StartContainer, in seconds.
+        self.run_times: list[float] = []
+        self.create_times: list[float] = []
 
     def _timed(self, method: str, request: object, timeout: float = 60) -> object:
         started = time.perf_counter()
@@ -87,6 +90,8 @@ class CrioPods:
         cid = self._timed("CreateContainer", api_pb2.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=container, sandbox_config=pod)).container_id
         self._timed("StartContainer", api_pb2.StartContainerRequest(container_id=cid))
+        self.run_times.append(self.calls["RunPodSandbox"][-1])
+        self.create_times.append(self.calls["CreateContainer"][-1] + self.calls["StartContainer"][-1])
         return pod_id
 
     def stop(self, pod_id: str) -> None:
@@ -158,6 +163,9 @@ def measure(name: str, pods: CrioPods | FloorPods) -> list[str]:
         starts.append(timed(lambda: pod.append(pods.start())))
         stops.append(timed(lambda: pods.stop(pod[0])))
     lines = [report(f"{name} start, one at a time", starts), report(f"{name} teardown, one at a time", stops)]
+    if isinstance(pods, CrioPods):
+        lines += [report("  RunPodSandbox, one at a time", pods.run_times),
+                  report("  Create+StartContainer, one at a time", pods.create_times)]
     starts, stops = [], []
     with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:
         for _ in range(ROUNDS):

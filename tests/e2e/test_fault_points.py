@@ -40,6 +40,7 @@ POINTS = [
     # The frontend, after each bus step of each CRI call.
     "frontend.after.runtimed.reserve_sandbox",
     "frontend.after.netd.attach",
+    "frontend.after.runtimed.prepare_sandbox",
     "frontend.after.runtimed.create_sandbox",
     "frontend.after.runtimed.reserve_container",
     "frontend.after.imaged.image_status",

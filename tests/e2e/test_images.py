@@ -340,6 +340,23 @@ def wait_for_log(stack: Stack, since: int, event: str, timeout: float = 60.0, **
         time.sleep(0.1)
 
 
+def test_a_pull_whose_later_layer_fails_leaves_no_layer(image_stack: Stack, registries) -> None:
+    hostile = registries[2]
+    bottom = images.platform_layer("early-bottom")
+    top = images.platform_layer("early-top")
+    pushed = hostile.serve_image("e2e/early", "latest", images.Image([bottom, top]),
+                                 blob_bodies={top.digest: top.blob[::-1]})
+    # The top layer comes late (and wrong): the bottom one is stored, and unpacked, before the pull fails.
+    hostile.routes[f"/v2/e2e/early/blobs/{top.digest}"].delay = 1.5
+    since = len(image_stack.logs())
+    assert rpc_error(pull, image_stack, pushed.ref).code() == grpc.StatusCode.DATA_LOSS
+    # A bottom layer's chain id is its diff id.
+    wait_for_log(image_stack, since, "layer_removed", chain_id=pushed.diff_ids[0])
+    layers_dir = image_stack.dirs.root / "storaged" / "layers"
+    assert [p for p in layers_dir.glob("*/layer.json") if json.loads(p.read_text())["diff_id"] in pushed.diff_ids] == []
+    assert not any(i.id == pushed.config_digest for i in listed(image_stack))
+
+
 def test_a_pull_the_kubelet_gave_up_on_still_completes(image_stack: Stack, registries) -> None:
     hostile = registries[2]
     image = images.Image([images.busybox_layer(), images.platform_layer("given-up")])
