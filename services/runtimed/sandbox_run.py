@@ -38,15 +38,20 @@ SHM_SIZE = "65536k"
 
 async def prepare(ctx: Context, sandbox_id: str) -> dict[str, Any]:
     """Make what the reserved pod needs before its network: directories, files, namespaces, shm, cgroup."""
-    records = ctx.records
-    rec = records.sandbox(sandbox_id)
-    async with records.lock(rec["id"]):
-        if rec["state"] in SANDBOX_STATES:
-            return {"id": rec["id"], "state": SANDBOX_STATES[rec["state"]]}
-        if rec["state"] != "reserved":
-            raise FailedPrecondition(f"pod sandbox {sandbox_id} is {rec['state']}")
-        await _prepare(ctx, rec)
-    return {"id": rec["id"], "state": "reserved"}
+    rec = ctx.records.sandbox(sandbox_id)
+    async with ctx.records.lock(rec["id"]):
+        if (made := _made_or_reserved(rec)) is None:
+            await _prepare(ctx, rec)
+    return made or {"id": rec["id"], "state": "reserved"}
+
+
+def _made_or_reserved(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """The answer for a pod already made (a retried call); None for one still reserved; otherwise an error."""
+    if rec["state"] in SANDBOX_STATES:
+        return {"id": rec["id"], "state": SANDBOX_STATES[rec["state"]]}
+    if rec["state"] != "reserved":
+        raise FailedPrecondition(f"pod sandbox {rec['id']} is {rec['state']}")
+    return None
 
 
 async def create(ctx: Context, sandbox_id: str, netns_path: str | None, ips: list | None) -> dict[str, Any]:
@@ -54,10 +59,8 @@ async def create(ctx: Context, sandbox_id: str, netns_path: str | None, ips: lis
     records = ctx.records
     rec = records.sandbox(sandbox_id)
     async with records.lock(rec["id"]):
-        if rec["state"] in SANDBOX_STATES:
-            return {"id": rec["id"], "state": SANDBOX_STATES[rec["state"]]}
-        if rec["state"] != "reserved":
-            raise FailedPrecondition(f"pod sandbox {sandbox_id} is {rec['state']}")
+        if (made := _made_or_reserved(rec)) is not None:
+            return made
         if netns_path is not None and not os.path.exists(netns_path):
             raise InvalidArgument(f"network namespace {netns_path} does not exist")
         rec.update(state="creating", netns_path=netns_path, ips=list(ips or []))

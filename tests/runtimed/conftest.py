@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -101,15 +102,22 @@ def make_config(base: Path, **runtime: Any) -> Config:
     return config
 
 
-@pytest.fixture
-async def runtimed(base_dir: Path, cgroup_parent: str) -> AsyncIterator[Runtimed]:
-    service = Runtimed(make_config(base_dir, pids_limit=64))
+@contextlib.asynccontextmanager
+async def running(config: Config, base: Path, cgroup_parent: str) -> AsyncIterator[Runtimed]:
+    """A started runtimed; on the way out every pod is removed and nothing may be left behind."""
+    service = Runtimed(config)
     await service.start()
     try:
         yield service
     finally:
-        leaks = await cleanup(service, base_dir, cgroup_parent)
+        leaks = await cleanup(service, base, cgroup_parent)
     assert leaks == [], f"left behind after removing every pod: {leaks}"
+
+
+@pytest.fixture
+async def runtimed(base_dir: Path, cgroup_parent: str) -> AsyncIterator[Runtimed]:
+    async with running(make_config(base_dir, pids_limit=64), base_dir, cgroup_parent) as service:
+        yield service
 
 
 class Lives:

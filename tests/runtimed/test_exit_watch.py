@@ -11,7 +11,7 @@ import pytest
 
 from services.runtimed import exit_notices, exit_watcher
 from services.runtimed.service import Runtimed
-from tests.runtimed.conftest import cleanup, container_config, make_config, new_container, new_pod
+from tests.runtimed.conftest import container_config, make_config, new_container, new_pod, running
 
 pytestmark = pytest.mark.root
 
@@ -24,13 +24,8 @@ WAIT = 30.0
 async def watched(base_dir: Path, cgroup_parent: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtimed]:
     monkeypatch.setattr(exit_watcher, "SAFETY_POLL", NEVER)
     monkeypatch.setattr(exit_notices, "RECHECK_WATCHED", NEVER)
-    service = Runtimed(make_config(base_dir))
-    await service.start()
-    try:
+    async with running(make_config(base_dir), base_dir, cgroup_parent) as service:
         yield service
-    finally:
-        leaks = await cleanup(service, base_dir, cgroup_parent)
-    assert leaks == [], f"left behind after removing every pod: {leaks}"
 
 
 def exits_of(rt: Runtimed) -> asyncio.Queue[dict[str, Any]]:
