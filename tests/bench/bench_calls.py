@@ -6,8 +6,10 @@ a Python gRPC client on the CRI socket, one call after another: Version,
 Status, ListPodSandbox, ListContainers, PodSandboxStatus, ContainerStatus,
 ListImages, ImageStatus and ImageFsInfo. First with 3 pods, then with 100,
 each pod running one `sleep` container (pods are started in parallel).
-Prints p50 and p99 of each, and the RSS and PSS of each process (from
-/proc/<pid>/smaps_rollup) at idle and after the load.
+Prints p50 and p99 of each, beside the floor (the same answers replayed
+from memory by a bare Python gRPC server, call_floor.py) and the target, and
+the RSS and PSS of each process (from /proc/<pid>/smaps_rollup) at idle and
+after the load.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cri_api.v1 import api_pb2
+from cri_api.v1 import api_pb2, api_pb2_grpc
 
 from tests.bench.bench_pods import percentile
+from tests.bench.call_floor import floor_server
 from tests.support.pods import bridge_stack, busybox_registry
 from tests.support.stack import Stack
 
@@ -32,6 +35,10 @@ CALLS = 400  # per method with few pods
 CALLS_MANY = 200  # per method with many pods (List* grow with them)
 WARMUP = 20
 PARALLEL_STARTS = 8
+IMAGE_CALLS = ("ListImages", "ImageStatus", "ImageFsInfo")
+# p50 targets with MANY pods, in ms: lists, and the other reads answered from the read model.
+TARGETS = {"ListPodSandbox": 0.6, "ListContainers": 0.6, **{name: 0.45 for name in (
+    "Version", "Status", "PodSandboxStatus", "ContainerStatus", "ListImages", "ImageStatus")}}
 
 
 def _start_pod(stack: Stack, image: str, cgroup_parent: str) -> tuple[str, str]:
@@ -65,8 +72,8 @@ def _remove_pods(stack: Stack) -> None:
             f.result()
 
 
-def _calls(stack: Stack, image: str, pod_id: str, container_id: str) -> dict[str, Callable[[], object]]:
-    rt, im = stack.runtime, stack.images
+def _calls(rt: api_pb2_grpc.RuntimeServiceStub, im: api_pb2_grpc.ImageServiceStub,
+           image: str, pod_id: str, container_id: str) -> dict[str, Callable[[], object]]:
     return {
         "Version": lambda: rt.Version(api_pb2.VersionRequest(), timeout=10),
         "Status": lambda: rt.Status(api_pb2.StatusRequest(), timeout=10),
@@ -96,6 +103,19 @@ def _measure(calls: dict[str, Callable[[], object]], count: int) -> dict[str, tu
             times.append(time.perf_counter() - started)
         out[name] = (percentile(times, 50) * 1000, percentile(times, 99) * 1000)
     return out
+
+
+def _measure_floor(calls: dict[str, Callable[[], object]], socket: Path,
+                   image: str, pod_id: str, container_id: str, count: int) -> dict[str, tuple[float, float]]:
+    """The same calls against the floor server, which replays crio-py's answers to them."""
+    answers = {}
+    for name, call in calls.items():
+        service = "ImageService" if name in IMAGE_CALLS else "RuntimeService"
+        answers[f"/runtime.v1.{service}/{name}"] = call().SerializeToString()  # type: ignore[attr-defined]
+    with floor_server(socket, answers) as channel:
+        floor_calls = _calls(api_pb2_grpc.RuntimeServiceStub(channel), api_pb2_grpc.ImageServiceStub(channel),
+                             image, pod_id, container_id)
+        return _measure(floor_calls, count)
 
 
 def _memory(pid: int) -> tuple[int, int]:
@@ -136,17 +156,23 @@ def main() -> None:
             stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
             started = time.perf_counter()
             pods = _start_pods(stack, image, cgroup_parent, FEW)
-            few = _measure(_calls(stack, image, *pods[0]), CALLS)
+            calls = _calls(stack.runtime, stack.images, image, *pods[0])
+            few = _measure(calls, CALLS)
+            few_floor = _measure_floor(calls, work / "floor.sock", image, *pods[0], CALLS)
             pods += _start_pods(stack, image, cgroup_parent, MANY - FEW)
             setup_s = time.perf_counter() - started
-            many = _measure(_calls(stack, image, *pods[0]), CALLS_MANY)
+            many = _measure(calls, CALLS_MANY)
+            many_floor = _measure_floor(calls, work / "floor.sock", image, *pods[0], CALLS_MANY)
             loaded = {name: _memory(pid) for name, pid in pids.items()}
             _remove_pods(stack)
         lines = [f"{MANY} pods with one container each started in {setup_s:.1f} s ({PARALLEL_STARTS} at a time)",
-                 f"{'call (ms)':<18}{f'p50 {FEW}':>10}{f'p99 {FEW}':>10}{f'p50 {MANY}':>10}{f'p99 {MANY}':>10}"]
+                 f"{'call (ms)':<18}{f'p50 {FEW}':>9}{f'p99 {FEW}':>9}{'floor':>7}"
+                 f"{f'p50 {MANY}':>9}{f'p99 {MANY}':>9}{'floor':>7}{'target':>8}"]
         for name, (p50, p99) in few.items():
             m50, m99 = many[name]
-            lines.append(f"{name:<18}{p50:>10.2f}{p99:>10.2f}{m50:>10.2f}{m99:>10.2f}")
+            target = f"{TARGETS[name]:>8.2f}" if name in TARGETS else f"{'-':>8}"
+            lines.append(f"{name:<18}{p50:>9.2f}{p99:>9.2f}{few_floor[name][0]:>7.2f}"
+                         f"{m50:>9.2f}{m99:>9.2f}{many_floor[name][0]:>7.2f}{target}")
         lines += _memory_table(idle, loaded)
         sys.stdout.write("\n".join(lines) + "\n")
     finally:
