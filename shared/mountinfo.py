@@ -88,15 +88,20 @@ def is_mount_point(path: str) -> bool:
 def overlay_lowers(root: str) -> dict[str, list[str]]:
     """{mount point: its lower dirs as mounted, top first} for the overlays mounted below `root`.
 
-    The lower dirs are the paths given at mount time (for storaged's layer
-    store: `l/<short name>` relative to the store, or `empty`).
+    The lower dirs are the paths given at mount time, relative to `root` when
+    they were given under it (for storaged's layer store: `l/<short name>`,
+    or `empty`): all in one `lowerdir=` option, or one `lowerdir+=` each.
     """
     prefix = root.rstrip("/") + "/"
     found: dict[str, list[str]] = {}
     for m in current():
         if m.fstype != "overlay" or not m.mount_point.startswith(prefix):
             continue
+        lowers: list[str] = []
         for option in m.super_options.split(","):
             if option.startswith("lowerdir="):
-                found[m.mount_point] = [_unescape(p) for p in option[len("lowerdir="):].split(":") if p]
+                lowers = [_unescape(p) for p in option[len("lowerdir="):].split(":") if p]
+            elif option.startswith("lowerdir+="):
+                lowers.append(_unescape(option[len("lowerdir+="):]))
+        found[m.mount_point] = [p.removeprefix(prefix) for p in lowers]
     return found

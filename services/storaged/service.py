@@ -209,11 +209,7 @@ class Storaged(Service):
                 f"container {container_id} already has a root file system on layer "
                 f"{record.top_layer}, not {top_layer}")
         if record is None:
-            root_stat = await asyncio.to_thread(
-                os.stat, self._lower_dirs(top_layer)[0] if top_layer else self._layers.empty_dir)
-            record = await asyncio.to_thread(
-                self._rootfs.create, container_id, top_layer,
-                mode=root_stat.st_mode & 0o7777, uid=root_stat.st_uid, gid=root_stat.st_gid)
+            record = await asyncio.to_thread(self._make_rootfs_dirs, container_id, top_layer)
             self._containers[container_id] = record
             try:
                 await self._mount(record)
@@ -261,6 +257,12 @@ class Storaged(Service):
             "work_dir": self._rootfs.work(container_id),
         }
 
+    def _make_rootfs_dirs(self, container_id: str, top_layer: str | None) -> RootfsRecord:
+        """The root file system's directories, its root with the owner and mode of the image's."""
+        root_stat = os.stat(self._lower_dirs(top_layer)[0] if top_layer else self._layers.empty_dir)
+        return self._rootfs.create(container_id, top_layer, mode=root_stat.st_mode & 0o7777,
+                                   uid=root_stat.st_uid, gid=root_stat.st_gid)
+
     def _lower_dirs(self, top_layer: str) -> list[str]:
         return [self._layers.diff_dir(r.chain_id) for r in LayerStore.chain(self._records, top_layer)]
 
@@ -270,11 +272,11 @@ class Storaged(Service):
         else:
             lowers = [os.path.join("l", r.link) for r in LayerStore.chain(self._records, record.top_layer)]
         cid = record.container_id
-        data = overlay.options(lowers, self._rootfs.relative(self._rootfs.upper(cid)),
-                               self._rootfs.relative(self._rootfs.work(cid)))
         with tracing.tracer(__name__).start_as_current_span(
                 "mount overlay", attributes={"container.id": cid, "overlay.lower_count": len(lowers)}):
-            await overlay.mount(self._root, self._rootfs.merged(cid), data)
+            await overlay.mount_stack(self._root, self._rootfs.merged(cid), lowers,
+                                      self._rootfs.relative(self._rootfs.upper(cid)),
+                                      self._rootfs.relative(self._rootfs.work(cid)))
 
     async def _is_mounted(self, container_id: str) -> bool:
         points = await asyncio.to_thread(mountinfo.mount_points_under, self._rootfs.dir(container_id))

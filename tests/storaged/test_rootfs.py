@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from services.storaged import overlay
+from services.storaged import fs_context, overlay
 from shared import mountinfo
-from shared.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from shared.errors import AlreadyExists, Internal, InvalidArgument, NotFound, ResourceExhausted
 from tests.storaged import support as T
 
 BUSYBOX = Path("/bin/busybox").read_bytes()
@@ -68,7 +68,18 @@ async def test_metadata_through_the_mount(storaged, blob_dir):
     assert os.getxattr(merged / "usr/bin/noted", "user.comment") == b"hi"
 
 
-async def test_many_layers(storaged, blob_dir):
+@pytest.fixture(params=["fs_context", "mount program"])
+def mounter(request, monkeypatch):
+    """Each way of mounting: the file system context API where the kernel has it, else `mount`."""
+    if request.param == "fs_context":
+        if not fs_context.supported():
+            pytest.skip("this kernel lacks overlay's lowerdir+ (Linux 6.8)")
+    else:
+        monkeypatch.setattr(fs_context, "_supported", False)
+    return request.param
+
+
+async def test_many_layers(storaged, blob_dir, mounter):
     count = 130
     layers = [[T.file(f"layer-{i}", str(i).encode()), T.file("shared", str(i).encode())]
               for i in range(count)]
@@ -88,6 +99,14 @@ async def test_too_many_layers_is_a_clear_error(tmp_path):
     with pytest.raises(ResourceExhausted, match="too many layers"):
         await overlay.mount(str(tmp_path), str(target), data)
     assert not is_mounted(str(target))
+
+
+async def test_a_refused_mount_says_what_the_kernel_said(tmp_path, mounter):
+    for name in ("upper", "work", "merged"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(Internal, match="mounting the overlay on .*merged failed"):
+        await overlay.mount_stack(str(tmp_path), str(tmp_path / "merged"), ["no-such-layer"], "upper", "work")
+    assert not is_mounted(str(tmp_path / "merged"))
 
 
 async def test_empty_rootfs(storaged):
