@@ -191,8 +191,9 @@ def test_static_pods_under_a_standalone_kubelet(kubelet: Kubelet, crictl: Crictl
             status = crictl.json("inspect", c["id"])["status"]
             if status["state"] == "CONTAINER_EXITED":
                 assert status["exitCode"] == 3
-        crasher = kubelet.pods()["crasher"]["status"]["containerStatuses"][0]
-        assert crasher["restartCount"] >= 2
+        # The kubelet's pod status follows the runtime's containers a sync later.
+        wait_for(lambda: kubelet.pods()["crasher"]["status"]["containerStatuses"][0]["restartCount"] >= 2,
+                 60, "the kubelet to count two restarts")
         assert "back-off" in kubelet.logs() and "CrashLoopBackOff" in kubelet.logs()
 
         # Host network, an init container that ran first, and CPU/memory limits in the cgroup.
