@@ -118,11 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_service(args.name, config, sources)
         if args.command == "run":
             from shared import log, tracing
+            from shared.forkserver import ForkServer
             from shared.supervisor import Supervisor
 
+            # Before anything is set up here, so that the services forked from it start clean.
+            forks = ForkServer.start() if config.criopy.supervisor.fork_services else None
             log.configure("supervisor", config.crio.runtime.log_level, config.criopy.log.log_format)
             tracing.configure("supervisor", config.crio.tracing)
-            return asyncio.run(Supervisor(config, sources).run())
+            return asyncio.run(Supervisor(config, sources, forks=forks).run())
         if args.command in ("status", "restart", "reload"):
             from shared import log
 

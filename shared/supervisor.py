@@ -1,8 +1,10 @@
 """`criopy run`: start the five services, restart one that exits, stop them all on a signal.
 
 Each service is its own process (`criopy service NAME`) with the same
-configuration sources. A service that exits is restarted alone, after a
-backoff that doubles while it keeps crashing and resets once it has stayed up.
+configuration sources, forked from the fork server when there is one
+(shared/forkserver.py), else started as a new interpreter. A service that
+exits is restarted alone, after a backoff that doubles while it keeps
+crashing and resets once it has stayed up.
 The supervisor answers on the bus too (`supervisor`), so `criopy status` can
 report restarts and `criopy restart NAME` can restart one service.
 """
@@ -25,6 +27,7 @@ from shared.bus.service import Service, method
 from shared.config import Config
 from shared.config_load import ConfigSources
 from shared.errors import ConfigError, InvalidArgument
+from shared.forkserver import ForkedProcess, ForkServer
 from shared.reload import reload_into
 from shared.services import START_ORDER
 
@@ -37,7 +40,7 @@ STABLE_AFTER = 30.0
 @dataclass
 class Child:
     name: str
-    process: asyncio.subprocess.Process | None = None
+    process: asyncio.subprocess.Process | ForkedProcess | None = None
     started_at: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
@@ -83,9 +86,11 @@ class SupervisorApi(Service):
 
 
 class Supervisor:
-    def __init__(self, config: Config, sources: ConfigSources, services: tuple[str, ...] = START_ORDER) -> None:
+    def __init__(self, config: Config, sources: ConfigSources, services: tuple[str, ...] = START_ORDER,
+                 forks: ForkServer | None = None) -> None:
         self.config = config
         self.sources = sources
+        self.forks = forks
         self.children = {name: Child(name) for name in services}
         self._stopping = False
 
@@ -93,6 +98,15 @@ class Supervisor:
         return [sys.executable, "-m", "shared.cli", *self.sources.argv(), "service", name]
 
     async def _spawn(self, child: Child) -> None:
+        if self.forks is not None and self.forks.alive:
+            try:
+                # In a process group of its own too.
+                child.process = await self.forks.spawn([*self.sources.argv(), "service", child.name])
+                child.started_at = time.time()
+                log.info("service_started", child=child.name, pid=child.process.pid, forked=True)
+                return
+            except ConnectionError as e:
+                log.error("service_fork_failed", child=child.name, error=str(e))
         # Its own process group: a Ctrl-C reaches only the supervisor, which
         # then stops the services in order.
         child.process = await asyncio.create_subprocess_exec(*self._command(child.name), process_group=0)
@@ -178,6 +192,8 @@ class Supervisor:
             for child in self.children.values():
                 await self._spawn(child)
                 watchers.append(asyncio.create_task(self._watch(child)))
+            if self.forks is not None:
+                await self.forks.close()  # it served its purpose; restarts start new interpreters
             log.info("criopy_running", socket=self.config.crio.api.listen)
             await stop.wait()
         finally:
@@ -189,6 +205,8 @@ class Supervisor:
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
+            if self.forks is not None:
+                await self.forks.close()
             await server.close()
             context.term()
         log.info("criopy_stopped")

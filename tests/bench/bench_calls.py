@@ -110,8 +110,13 @@ def _memory(pid: int) -> tuple[int, int]:
 
 
 def _processes(stack: Stack) -> dict[str, int]:
+    """The supervisor, its fork server when it has one, and the five services."""
     pids = {"supervisor": stack.process.pid}
-    pids.update({name: int(s["pid"]) for name, s in stack.status().items()})
+    services = {name: int(s["pid"]) for name, s in stack.status().items()}
+    with open(f"/proc/{stack.process.pid}/task/{stack.process.pid}/children") as f:
+        others = [int(pid) for pid in f.read().split() if int(pid) not in services.values()]
+    pids.update({"forkserver": pid for pid in others})
+    pids.update(services)
     return pids
 
 
