@@ -3,7 +3,9 @@
 
 SHELL := /bin/bash
 VENV ?= .venv
-PYTHON ?= python3
+# The frontend and imaged run as users of their own and must read the interpreter's standard
+# library: the virtualenv is made from Debian's python3, which every user may read.
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 PY := $(VENV)/bin/python
 CRIOPY := $(VENV)/bin/criopy
 CNI_CONF_DIR ?= /etc/cni/net.d
@@ -11,15 +13,17 @@ CNI_CONF_DIR ?= /etc/cni/net.d
 # Real parts: the OCI runtime, the container monitor, CNI plugins, busybox for
 # test images, a registry, the tools netd and runtimed call, and the pause-like
 # init of pods that share a PID namespace; skopeo is the pull benchmark's yardstick; criu checkpoints containers;
-# prometheus (with promtool) scrapes and checks the metrics endpoint in the tests.
+# prometheus (with promtool) scrapes and checks the metrics endpoint in the tests;
+# passwd (groupadd, useradd) makes the services' accounts; systemd gives systemd-analyze, which checks the units.
 DEBIAN_PACKAGES := runc conmon containernetworking-plugins busybox-static docker-registry \
-	iproute2 iptables mount util-linux catatonit libcap2-bin kmod python3-venv skopeo criu prometheus
+	iproute2 iptables mount util-linux hostname catatonit libcap2-bin kmod python3-venv skopeo criu prometheus \
+	passwd systemd
 
 # Real Kubernetes clients for `make test-clients` (not part of `make test`); `make bench` uses crictl too.
 CRICTL ?= ../shared/tools/crictl
 KUBELET ?= ../shared/tools/kubelet
 
-.PHONY: all setup debian-packages venv cni-config run test test-clients bench clean
+.PHONY: all setup debian-packages venv venv-readable cni-config run test test-clients bench clean
 
 all: setup
 
@@ -35,7 +39,15 @@ debian-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-venv: $(VENV)/.installed
+venv: venv-readable $(VENV)/.installed
+
+# A virtualenv made from a Python only root may read (one under /root) is made again.
+venv-readable:
+	@home=$$(sed -n 's/^home = //p' $(VENV)/pyvenv.cfg 2>/dev/null); \
+	if [ -n "$$home" ] && ! setpriv --reuid=65534 --regid=65534 --clear-groups test -r "$$home" -a -x "$$home"; then \
+		echo "$(VENV) uses a Python other users cannot read: making it again from $(PYTHON)"; \
+		rm -rf $(VENV); \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
 
 from shared import config_load as configuration
+from shared import identities, instance_lock
 from shared.config import Config
 from shared.config_load import ConfigSources
 from shared.errors import ConfigError, CriopyError
@@ -65,35 +67,53 @@ async def _ask(config: Config, target: str, method: str, timeout: float, **param
         await client.close()
 
 
-async def _status(config: Config) -> dict[str, Any]:
-    async def one(name: str) -> dict[str, Any]:
-        try:
-            return {"state": "up", **await _ask(config, name, "health", config.criopy.bus.health_timeout)}
-        except CriopyError as e:
-            return {"service": name, "state": "down", "error": e.message}
-
-    healths = await asyncio.gather(*(one(name) for name in START_ORDER))
-    report = {h["service"]: h for h in healths}
-    try:
-        supervised = await _ask(config, "supervisor", "services", config.criopy.bus.health_timeout)
-    except CriopyError:
-        supervised = []
-    for child in supervised:
-        entry = report.get(child["name"])
-        if entry is not None:
-            entry.update(restarts=child["restarts"], last_error=child["last_error"])
+def _status_without_supervisor(config: Config) -> dict[str, Any]:
+    """Under systemd: each service's pid from its lock, the rest from /proc; readiness is systemd's to say."""
+    report: dict[str, Any] = {}
+    for name in START_ORDER:
+        pid = instance_lock.holder(config.lock_file(name))
+        entry: dict[str, Any] = {"service": name, "state": "down", "pid": pid, "ready": None}
+        if pid is not None:
+            try:
+                entry.update(state="up", **identities.describe_process(pid))
+            except (OSError, KeyError, ValueError):
+                pass
+        else:
+            entry["error"] = "not running"
+        report[name] = entry
     return report
+
+
+async def _status(config: Config) -> dict[str, Any]:
+    """Each service as the supervisor sees it; the `criopy` command asks nothing of the services themselves."""
+    supervisor = instance_lock.holder(config.lock_file("supervisor"))
+    if supervisor is None:
+        return _status_without_supervisor(config)
+    try:
+        children = await _ask(config, "supervisor", "services", config.criopy.bus.health_timeout)
+    except CriopyError as e:
+        return {name: {"service": name, "state": "unknown",
+                       "error": f"criopy run (pid {supervisor}) does not answer: {e.message}"} for name in START_ORDER}
+    return {child["name"]: child for child in children}
+
+
+def _ids(number: int | None, name: str | None) -> str:
+    return "-" if number is None else f"{number}({name})" if name and name != str(number) else str(number)
 
 
 def _print_status(report: dict[str, Any]) -> None:
     out = sys.stdout
-    out.write(f"{'SERVICE':<10} {'STATE':<6} {'PID':>7} {'UPTIME':>9} {'VERSION':<8} {'RESTARTS':>8}  CAPABILITIES\n")
+    out.write(f"{'SERVICE':<10} {'STATE':<8} {'PID':>7} {'UPTIME':>9} {'VERSION':<8} {'RESTARTS':>8}  "
+              f"{'UID':<20} {'GID':<20} {'GROUPS':<28} CAPABILITIES\n")
     for name, h in report.items():
         pid = h.get("pid") or "-"
         uptime = f"{h['uptime']:.0f}s" if "uptime" in h else "-"
-        caps = ",".join(c.removeprefix("CAP_") for c in h.get("capabilities", [])) or ("none" if h["state"] == "up" else "-")
+        caps = ",".join(c.removeprefix("CAP_") for c in h.get("capabilities", [])) or ("none" if "uid" in h else "-")
         restarts = h.get("restarts", "-")
-        out.write(f"{name:<10} {h['state']:<6} {pid:>7} {uptime:>9} {h.get('version', '-'):<8} {restarts:>8}  {caps}\n")
+        groups = ",".join(h.get("group_names", [])) or ("none" if "uid" in h else "-")
+        out.write(f"{name:<10} {h['state']:<8} {pid:>7} {uptime:>9} {h.get('version', '-'):<8} {restarts:>8}  "
+                  f"{_ids(h.get('uid'), h.get('user')):<20} {_ids(h.get('gid'), h.get('group')):<20} "
+                  f"{groups:<28} {caps}\n")
         if h.get("error"):
             out.write(f"{'':<10} {h['error']}\n")
 
@@ -112,24 +132,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             sys.stdout.write(config.to_toml())
             return 0
+        if args.command in ("service", "run"):
+            # What the services create is readable by those that must read it, whatever the caller's umask.
+            os.umask(0o022)
         if args.command == "service":
             from shared.daemon import run_service
 
             return run_service(args.name, config, sources)
         if args.command == "run":
             from shared import log, tracing
-            from shared.forkserver import ForkServer
-            from shared.supervisor import Supervisor
+            from shared.supervisor import run_supervisor
 
-            # Before anything is set up here, so that the services forked from it start clean.
-            forks = ForkServer.start() if config.criopy.supervisor.fork_services else None
             log.configure("supervisor", config.crio.runtime.log_level, config.criopy.log.log_format)
             tracing.configure("supervisor", config.crio.tracing)
-            return asyncio.run(Supervisor(config, sources, forks=forks).run())
+            return run_supervisor(config, sources)
         if args.command in ("status", "restart", "reload"):
             from shared import log
 
             log.configure("criopy", "warning", "auto")
+        if args.command in ("status", "restart", "reload") and os.geteuid() != 0:
+            sys.stderr.write(f"criopy: {args.command} must run as root: criopy run answers root alone\n")
+            return 1
         if args.command == "status":
             report = asyncio.run(_status(config))
             if args.json:

@@ -32,6 +32,8 @@ def _doc(text: str, **kwargs: Any) -> Any:
 class ApiConfig:
     listen: str = _doc("Path of the CRI gRPC unix socket.", default="/run/criopy/criopy.sock")
     listen_mode: str = _doc("File mode of the CRI socket (octal).", default="0660")
+    listen_group: str = _doc(
+        "Group of the CRI socket; empty: root's, so that only root may connect (as to CRI-O's socket).", default="")
     stream_address: str = _doc("Address the streaming server (exec/attach/port-forward) listens on.", default="127.0.0.1")
     stream_port: str = _doc("Port of the streaming server; 0 picks a free one.", default="0")
     stream_enable_tls: bool = _doc("Serve the streaming server over TLS.", default=False)
@@ -156,6 +158,14 @@ class SupervisorConfig:
 
 
 @dataclass
+class UsersConfig:
+    frontend: str = _doc(
+        "User the frontend runs as once its socket is bound. 'root': it stays root, and the daemons take "
+        "root's calls as the frontend's (for running single services by hand).", default="criopy-frontend")
+    imaged: str = _doc("User imaged runs as. 'root': it stays root (for running it by hand).", default="criopy-imaged")
+
+
+@dataclass
 class LogConfig:
     log_format: str = _doc("Log format: 'json', 'console', or 'auto' (console on a terminal).", default="auto")
     service_log_levels: dict[str, str] = _doc(
@@ -167,9 +177,25 @@ class LogConfig:
 
 
 @dataclass
+class FrontendConfig:
+    read_model: bool = _doc(
+        "Answer ListPodSandbox, ListContainers, the non-verbose PodSandboxStatus, ContainerStatus and ImageStatus, "
+        "ListImages and Status from the frontend's memory, kept by the daemons' events; false: ask the daemons.",
+        default=True)
+    cache_ttl: float = _doc(
+        "Seconds an ImageFsInfo or stats answer is reused while no pod, container or image changed (with read_model).",
+        default=1.0)
+    health_interval: float = _doc(
+        "Seconds between the health probes of runtimed and netd that Status answers from (with read_model).",
+        default=1.0)
+
+
+@dataclass
 class CriopyConfig:
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     bus: BusConfig = field(default_factory=BusConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -188,15 +214,33 @@ class Config:
     def bus_dir(self) -> Path:
         return Path(self.criopy.bus.socket_dir or os.path.join(self.crio.runroot, "bus"))
 
+    def service_bus_dir(self, service: str) -> Path:
+        """A daemon's (or the supervisor's) own directory of sockets: only its callers may enter it."""
+        return self.bus_dir() / service
+
     def bus_endpoint(self, service: str) -> str:
-        return f"ipc://{self.bus_dir() / (service + '.sock')}"
+        return f"ipc://{self.service_bus_dir(service) / 'bus.sock'}"
 
     def events_endpoint(self, service: str) -> str:
-        return f"ipc://{self.bus_dir() / (service + '-events.sock')}"
+        return f"ipc://{self.service_bus_dir(service) / 'events.sock'}"
 
     def stream_socket(self, service: str) -> Path:
         """The unix socket of a daemon's exec, attach or port-forward streams (shared/bus/streams.py)."""
-        return self.bus_dir() / f"{service}-streams.sock"
+        return self.service_bus_dir(service) / "streams.sock"
+
+    def lock_file(self, service: str) -> Path:
+        """What a running instance of `service` (or of the supervisor) holds locked, with its pid inside.
+
+        The frontend's lies beside the CRI socket it guards; a daemon's in its own directory of sockets,
+        where it may write whichever user it starts as.
+        """
+        if service == "frontend":
+            return Path(self.crio.api.listen + ".lock")
+        return self.service_bus_dir(service) / "lock"
+
+    def notify_socket(self) -> Path:
+        """Where the supervisor hears its services say they are ready (systemd's notify protocol)."""
+        return self.bus_dir() / "notify.sock"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,6 +38,14 @@ ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_cp
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# every process
+SERVICE_RESTARTS = Counter(
+    "criopy_service_restarts_total", "Times the supervisor restarted this service before this start.",
+    registry=REGISTRY)
+BUS_REFUSED = Counter(
+    "criopy_bus_refused_total", "Bus calls, event subscriptions and stream connections refused for their "
+    "caller's credentials, by kind and caller.", ["kind", "caller"], registry=REGISTRY)
+
 # frontend
 OPERATIONS = Counter(
     "criopy_operations_total", "CRI operations served, by method and gRPC code.",
@@ -51,6 +59,10 @@ BUS_CALLS = Counter(
 BUS_CALL_LATENCY = Histogram(
     "criopy_bus_call_duration_seconds", "Latency of bus calls, retries included.",
     ["daemon", "method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+READ_MODEL_SYNCS = Counter(
+    "criopy_read_model_syncs_total",
+    "Copies of a daemon's state the read model built from a snapshot: at start, then after the daemon "
+    "restarted or a change was lost.", ["daemon"], registry=REGISTRY)
 
 # imaged
 IMAGE_PULLS = Counter(
@@ -62,7 +74,7 @@ IMAGE_PULL_DURATION = Histogram(
     "criopy_image_pulls_duration_seconds", "Duration of image pulls.",
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=REGISTRY)
 
-# imaged and storaged: a record found unreadable at start (torn by a power cut, garbage) and
+# Every daemon: a record found unreadable at start (torn by a power cut, garbage) and
 # moved aside into the service's quarantine directory; the merged page adds `service`.
 STATE_RECORDS_QUARANTINED = Counter(
     "criopy_state_records_quarantined_total",

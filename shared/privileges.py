@@ -1,9 +1,16 @@
-"""Linux capabilities: what a process holds, and dropping all but a declared set.
+"""Linux capabilities and user ids: what a process holds, dropping all but a declared set, changing user.
 
 Each service calls `restrict_to(...)` first thing at start, before any thread
 exists (capability sets are per thread) and before it reads a request. Being
 uid 0 then grants nothing more: a program it executes gets at most the bounding
 set, which is the declared set.
+
+A service that runs as a user of its own (shared/identities.py) and starts as
+root then calls `switch_to(...)`. glibc makes every thread of the process
+change its ids (setgroups, setresgid and setresuid are broadcast to all
+threads), and the kernel clears each thread's permitted and effective
+capabilities as its uid leaves 0; the bounding set was emptied before any
+other thread existed, and no_new_privs keeps any exec from raising them again.
 """
 
 from __future__ import annotations
@@ -88,19 +95,26 @@ def bounding_capabilities(pid: int | str = "self") -> frozenset[str]:
     return read_status_sets(pid)["CapBnd"]
 
 
-def restrict_to(keep: Iterable[str]) -> frozenset[str]:
+def restrict_to(keep: Iterable[str], *, bounding: Iterable[str] | None = None) -> frozenset[str]:
     """Drop every capability not in `keep` from all five sets of this thread.
 
+    `bounding`, when given, is the bounding set instead of `keep`: a service
+    that needs capabilities only until it changes user holds them in its
+    permitted set alone, so that nothing it executes, nor any thread, gets
+    them back. Capabilities already out of the bounding set are left alone,
+    so a process that a launcher restricted already needs no CAP_SETPCAP.
     Returns the set actually kept (`keep` limited to what the process had).
     Must run before any other thread is started.
     """
-    keep_mask = mask_from_names(keep) & mask_from_names(bounding_capabilities())
+    had_bounding = mask_from_names(bounding_capabilities())
+    keep_mask = mask_from_names(keep) & mask_from_names(read_status_sets()["CapPrm"])
+    bounding_mask = keep_mask if bounding is None else mask_from_names(bounding) & had_bounding
     if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         if err != 22:  # EINVAL: kernel without ambient capabilities
             raise OSError(err, f"clearing ambient capabilities: {os.strerror(err)}")
     for cap in range(last_cap() + 1):
-        if not keep_mask >> cap & 1:
+        if had_bounding >> cap & 1 and not bounding_mask >> cap & 1:
             if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                 err = ctypes.get_errno()
                 if err != 22:  # EINVAL: a capability this kernel does not know
@@ -116,6 +130,34 @@ def restrict_to(keep: Iterable[str]) -> frozenset[str]:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
     return names_from_mask(keep_mask)
+
+
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def no_new_privileges() -> None:
+    """No program this process (or a thread started later) executes gains a privilege (setuid bits, file caps)."""
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+
+
+def needs_switch(uid: int, gid: int, groups: frozenset[int]) -> bool:
+    """Whether this process's ids differ from these (real, effective and saved alike)."""
+    return (set(os.getresuid()) != {uid} or set(os.getresgid()) != {gid}
+            or set(os.getgroups()) - {gid} != set(groups))
+
+
+def switch_to(uid: int, gid: int, groups: frozenset[int]) -> None:
+    """Become `uid`, `gid` with exactly `groups` besides, in every thread; needs CAP_SETUID and CAP_SETGID.
+
+    Leaving uid 0 clears the permitted and effective capabilities of every thread.
+    """
+    os.setgroups(sorted(groups))
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if needs_switch(uid, gid, groups):
+        raise OSError(f"could not become uid {uid} gid {gid} groups {sorted(groups)}")
 
 
 _CLONE_NEWNET = 0x40000000

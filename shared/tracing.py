@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -128,6 +128,14 @@ def current_traceparent() -> str | None:
     carrier: dict[str, str] = {}
     _propagator.inject(carrier)
     return carrier.get("traceparent")
+
+
+def untraced() -> ContextManager[Any]:
+    """A scope for work done beside the requests (health probes, the read model's snapshots): its
+    spans, and those of the daemons it calls, are never sampled, so they do not flood the exporter."""
+    parent = trace.SpanContext(trace_id=random.getrandbits(128) or 1, span_id=random.getrandbits(64) or 1,
+                               is_remote=False, trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT))
+    return trace.use_span(trace.NonRecordingSpan(parent), end_on_exit=False)
 
 
 def context_from_traceparent(traceparent: str | None) -> Any:

@@ -1,4 +1,7 @@
-"""ContainerStats and ListContainerStats: cgroup numbers from runtimed, writable layers from storaged."""
+"""ContainerStats and ListContainerStats: cgroup numbers from runtimed, writable layers from storaged.
+
+An answer is reused for a short while for the same request when nothing changed (answer_cache.py).
+"""
 
 from __future__ import annotations
 
@@ -47,15 +50,23 @@ async def add_writable_layers(call: CallContext, entries: list[dict[str, Any]]) 
 async def container_stats(request: api_pb2.ContainerStatsRequest, call: CallContext) -> api_pb2.ContainerStatsResponse:
     if not request.container_id:
         raise InvalidArgument("container_id is required")
-    entries = await call.daemon("runtimed", "list_container_stats", container_id=request.container_id)
-    await add_writable_layers(call, entries)
-    return api_pb2.ContainerStatsResponse(stats=to_message(entries[0], api_pb2.ContainerStats))
+
+    async def measure() -> api_pb2.ContainerStatsResponse:
+        entries = await call.daemon("runtimed", "list_container_stats", container_id=request.container_id)
+        await add_writable_layers(call, entries)
+        return api_pb2.ContainerStatsResponse(stats=to_message(entries[0], api_pb2.ContainerStats))
+
+    return await call.reused(("ContainerStats", request.container_id), measure)
 
 
 @cri_method("ListContainerStats")
 async def list_container_stats(request: api_pb2.ListContainerStatsRequest,
                                call: CallContext) -> api_pb2.ListContainerStatsResponse:
     flt = stats_filter(request.filter) if request.HasField("filter") else {}
-    entries = await call.daemon("runtimed", "list_container_stats", filter=flt)
-    await add_writable_layers(call, entries)
-    return api_pb2.ListContainerStatsResponse(stats=[to_message(e, api_pb2.ContainerStats) for e in entries])
+
+    async def measure() -> api_pb2.ListContainerStatsResponse:
+        entries = await call.daemon("runtimed", "list_container_stats", filter=flt)
+        await add_writable_layers(call, entries)
+        return api_pb2.ListContainerStatsResponse(stats=[to_message(e, api_pb2.ContainerStats) for e in entries])
+
+    return await call.reused(("ListContainerStats", request.SerializeToString(deterministic=True)), measure)

@@ -1,8 +1,9 @@
 """Fan-out of runtimed's events to every GetContainerEvents client.
 
-One subscription to runtimed's event socket feeds a bounded queue per client.
-A client whose queue is full is dropped (its stream ends) rather than making
-the runtime or the other clients wait.
+The subscription to runtimed's event socket (subscription.py) hands each
+container and pod event to `deliver`, which puts it in a bounded queue per
+client. A client whose queue is full is dropped (its stream ends) rather than
+making the runtime or the other clients wait.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ import asyncio
 from typing import Any
 
 import structlog
-import zmq.asyncio
 
 from shared import metrics
-from shared.bus.events import EventSubscriber
-from shared.config import Config
 
 log = structlog.get_logger(__name__)
 
@@ -26,34 +24,27 @@ class SlowClient(Exception):
     """The client did not keep up with the events and was dropped."""
 
 
+# runtimed's topics for GetContainerEvents.
+TOPICS = ("container", "sandbox")
+
+
 class EventHub:
-    def __init__(self, config: Config, context: zmq.asyncio.Context) -> None:
-        self._subscriber = EventSubscriber(config.events_endpoint("runtimed"), context)
+    def __init__(self) -> None:
         self._clients: set[asyncio.Queue[dict[str, Any] | SlowClient]] = set()
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._pump(), name="event-hub")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._subscriber.close()
-
-    async def _pump(self) -> None:
-        async for topic, event in self._subscriber:
-            event = {**event, "topic": topic}
-            for queue in list(self._clients):
-                try:
-                    queue.put_nowait(event)
-                except asyncio.QueueFull:
-                    self._clients.discard(queue)
-                    queue.get_nowait()  # make room for the verdict
-                    queue.put_nowait(SlowClient())
-                    # This event and the one given up for the verdict never reach that client.
-                    metrics.CRIO_CONTAINERS_EVENTS_DROPPED.inc(2)
-                    log.warning("event_client_dropped", reason="queue full")
+    def deliver(self, topic: str, event: dict[str, Any]) -> None:
+        """One of runtimed's events, for every client."""
+        event = {**event, "topic": topic}
+        for queue in list(self._clients):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._clients.discard(queue)
+                queue.get_nowait()  # make room for the verdict
+                queue.put_nowait(SlowClient())
+                # This event and the one given up for the verdict never reach that client.
+                metrics.CRIO_CONTAINERS_EVENTS_DROPPED.inc(2)
+                log.warning("event_client_dropped", reason="queue full")
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any] | SlowClient]:
         queue: asyncio.Queue[dict[str, Any] | SlowClient] = asyncio.Queue(CLIENT_QUEUE_SIZE)

@@ -22,7 +22,8 @@ from opentelemetry import trace
 from services.frontend.grpc_errors import status_code
 from services.frontend.registry import CallContext, load_handlers
 from services.frontend.routing import route_to_owner
-from shared import metrics, tracing
+from shared import identities, metrics, tracing
+from shared.bus import ipc
 from shared.config import Config
 from shared.errors import CriopyError, Internal, Unimplemented
 from shared.log import bind_request, debug_enabled
@@ -154,11 +155,14 @@ def build_servicers(daemons: Any, config: Config) -> list[tuple[Any, Callable[[A
     return servicers
 
 
-async def start_server(daemons: Any, config: Config) -> grpc.aio.Server:
+async def bind_server(daemons: Any, config: Config) -> grpc.aio.Server:
+    """The server, its CRI socket bound (root's, mode listen_mode, group listen_group) but not serving yet.
+
+    Binding happens at once in gRPC; requests are read only once the caller starts the server.
+    """
     listen = config.crio.api.listen
     os.makedirs(os.path.dirname(listen), mode=0o755, exist_ok=True)
-    if os.path.exists(listen):
-        os.unlink(listen)  # a stale socket from a previous run
+    ipc.claim(listen)  # a stale socket from a previous run; never one another frontend serves
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", config.crio.api.grpc_max_send_msg_size),
         ("grpc.max_receive_message_length", config.crio.api.grpc_max_recv_msg_size),
@@ -166,7 +170,8 @@ async def start_server(daemons: Any, config: Config) -> grpc.aio.Server:
     for servicer, add_to_server in build_servicers(daemons, config):
         add_to_server(servicer, server)
     server.add_insecure_port(f"unix://{listen}")
-    await server.start()
+    group = identities.group_id(config.crio.api.listen_group) if config.crio.api.listen_group else 0
+    os.chown(listen, 0, group)
     os.chmod(listen, int(config.crio.api.listen_mode, 8))
-    log.info("cri_listening", socket=listen)
+    log.info("cri_listening", socket=listen, group=group)
     return server

@@ -1,4 +1,7 @@
-"""ImageFsInfo: the image store (imaged's blobs plus storaged's layers) and the containers' layers."""
+"""ImageFsInfo: the image store (imaged's blobs plus storaged's layers) and the containers' layers.
+
+Measuring walks the stores, so an answer is reused for a short while when nothing changed (answer_cache.py).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,10 @@ from services.frontend.registry import CallContext, cri_method
 
 @cri_method("ImageFsInfo")
 async def image_fs_info(_request: api_pb2.ImageFsInfoRequest, call: CallContext) -> api_pb2.ImageFsInfoResponse:
+    return await call.reused("ImageFsInfo", lambda: _measure(call))
+
+
+async def _measure(call: CallContext) -> api_pb2.ImageFsInfoResponse:
     blobs, layers = await asyncio.gather(call.daemon("imaged", "fs_info"), call.daemon("storaged", "fs_info"))
     # Both stores live under the root directory: the kubelet maps that one mountpoint to a device.
     root = os.path.commonpath([blobs["mountpoint"], layers["mountpoint"]])

@@ -1,8 +1,10 @@
 """The Prometheus endpoint: one page with the metrics of all five processes.
 
-On each scrape the frontend asks every daemon (and the supervisor, for
-restart counts) for its metrics over the bus, labels each sample with the
-service it came from, and serves the merged families. A daemon that does not
+On each scrape the frontend asks every daemon for its metrics over the bus,
+labels each sample with the service it came from, and serves the merged
+families. Each process reports its own restart count
+(`criopy_service_restarts_total`, handed to it by the supervisor), so the
+frontend never calls the supervisor. A daemon that does not
 answer in time is reported as `criopy_service_up{service=...} 0` rather than
 failing the scrape.
 
@@ -69,10 +71,9 @@ def _defunct_processes() -> Metric:
 
 
 class MetricsEndpoint:
-    def __init__(self, config: Config, daemons: Any, supervisor: Any | None) -> None:
+    def __init__(self, config: Config, daemons: Any) -> None:
         self.config = config
         self.daemons = daemons
-        self.supervisor = supervisor
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -106,24 +107,9 @@ class MetricsEndpoint:
         for name, text in results:
             up.add_metric([name], 0 if text is None else 1)
         families: list[Metric] = [up, *merge(pages), await asyncio.to_thread(_defunct_processes)]
-        restarts = await self._restarts(timeout)
-        if restarts is not None:
-            families.append(restarts)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Static(families))  # type: ignore[arg-type]
         return generate_latest(registry)
-
-    async def _restarts(self, timeout: float) -> Metric | None:
-        if self.supervisor is None or not self.supervisor.connected:
-            return None  # not run under `criopy run` (e.g. under systemd)
-        try:
-            children = await self.supervisor.call("services", deadline=time.time() + timeout)
-        except CriopyError:
-            return None
-        family = Metric("criopy_service_restarts", "Times the supervisor restarted a service.", "counter")
-        for child in children:
-            family.add_sample("criopy_service_restarts_total", {"service": child["name"]}, child["restarts"])
-        return family
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 
@@ -38,6 +38,17 @@ class CallContext:
     async def daemon(self, name: str, method: str, **params: Any) -> Any:
         """Call a daemon's bus method within this CRI call's deadline."""
         return await self.daemons.call(name, method, deadline=self.deadline, **params)
+
+    async def mirrored(self, name: str) -> Any:
+        """The read model's copy of a daemon's objects, in step with every write answered so far
+        (runtime_view.RuntimeView, image_view.ImageView); None: ask the daemon (read_model.py)."""
+        model = self.daemons.model
+        return None if model is None else await model.view(name, self.deadline)
+
+    async def reused(self, key: Any, compute: Callable[[], Awaitable[Any]]) -> Any:
+        """`compute()`'s answer, or the same request's recent one while nothing changed (answer_cache.py)."""
+        model = self.daemons.model
+        return await compute() if model is None else await model.cache.get(key, compute)
 
 
 def cri_method(name: str) -> Callable[[Handler], Handler]:

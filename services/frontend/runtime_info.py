@@ -1,4 +1,8 @@
-"""Version, Status and RuntimeConfig: what the kubelet asks about the runtime itself."""
+"""Version, Status and RuntimeConfig: what the kubelet asks about the runtime itself.
+
+Status answers from the health probes the read model makes beside the requests
+(health_watch.py) when it has recent ones; verbose Status asks every daemon now.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,16 @@ async def _health(call: CallContext, daemon: str) -> dict[str, Any]:
         return await call.daemons.health(daemon)
     except CriopyError as e:
         return {"service": daemon, "ready": False, "error": e.message}
+
+
+async def _runtimed_and_netd(call: CallContext, verbose: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    model = call.daemons.model
+    if model is not None and not verbose:
+        runtimed, netd = model.health.current("runtimed"), model.health.current("netd")
+        if runtimed is not None and netd is not None:
+            return runtimed, netd
+    runtimed, netd = await asyncio.gather(_health(call, "runtimed"), _health(call, "netd"))
+    return runtimed, netd
 
 
 def _runtime_condition(health: dict[str, Any]) -> api_pb2.RuntimeCondition:
@@ -69,7 +83,7 @@ def _runtime_handlers(health: dict[str, Any]) -> list[api_pb2.RuntimeHandler]:
 
 @cri_method("Status")
 async def status(request: api_pb2.StatusRequest, call: CallContext) -> api_pb2.StatusResponse:
-    runtimed, netd = await asyncio.gather(_health(call, "runtimed"), _health(call, "netd"))
+    runtimed, netd = await _runtimed_and_netd(call, request.verbose)
     response = api_pb2.StatusResponse(
         status=api_pb2.RuntimeStatus(conditions=[_runtime_condition(runtimed), _network_condition(netd)]),
         runtime_handlers=_runtime_handlers(runtimed),

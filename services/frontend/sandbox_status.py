@@ -1,4 +1,5 @@
-"""PodSandboxStatus and ListPodSandbox: one hop to runtimed, which keeps the pod's IPs from netd."""
+"""PodSandboxStatus and ListPodSandbox: from the read model (runtime_view.py), or one hop to runtimed,
+which keeps the pod's IPs from netd; verbose status always asks runtimed (it reads the pod's files)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ async def pod_sandbox_status(request: api_pb2.PodSandboxStatusRequest,
                              call: CallContext) -> api_pb2.PodSandboxStatusResponse:
     if not request.pod_sandbox_id:
         raise InvalidArgument("pod_sandbox_id is required")
+    if not request.verbose:
+        pods = await call.mirrored("runtimed")
+        if pods is not None:
+            return pods.pod_status(request.pod_sandbox_id)
     result = await call.daemon("runtimed", "sandbox_status", sandbox_id=request.pod_sandbox_id,
                                verbose=request.verbose)
     response = api_pb2.PodSandboxStatusResponse(status=to_message(result["status"], api_pb2.PodSandboxStatus))
@@ -37,6 +42,9 @@ def sandbox_filter(f: api_pb2.PodSandboxFilter) -> dict[str, Any]:
 
 @cri_method("ListPodSandbox")
 async def list_pod_sandbox(request: api_pb2.ListPodSandboxRequest, call: CallContext) -> api_pb2.ListPodSandboxResponse:
+    pods = await call.mirrored("runtimed")
+    if pods is not None:
+        return pods.list_pods(request.filter if request.HasField("filter") else None)
     flt = sandbox_filter(request.filter) if request.HasField("filter") else {}
     items = await call.daemon("runtimed", "list_sandboxes", filter=flt)
     return api_pb2.ListPodSandboxResponse(items=[to_message(i, api_pb2.PodSandbox) for i in items])

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from services.imaged import quarantine
+from shared import quarantine
 
 
 class RecordCopies:

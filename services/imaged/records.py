@@ -32,8 +32,8 @@ from typing import Any, Iterator
 
 import structlog
 
-from services.imaged import quarantine
 from services.imaged.record_copies import RecordCopies
+from shared import quarantine
 from shared.errors import out_of_space
 
 log = structlog.get_logger(__name__)

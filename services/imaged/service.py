@@ -16,8 +16,10 @@ from services.imaged.blobstore import BlobStore, disk_usage
 from services.imaged.puller import Puller
 from services.imaged.records import ImageRecords
 from services.imaged.registries_conf import RegistriesConfFile
+from services.imaged.state_feed import ImageFeed
 from shared import metrics
 from shared.bus.api import IMAGED
+from shared.bus.feed import StateFeed
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -64,6 +66,11 @@ def _public(record: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
     return out
 
 
+def _feed_view(record: dict[str, Any]) -> dict[str, Any]:
+    """An image as the frontend's read model keeps it: as listed, and when it was pulled (the list's order)."""
+    return {**_public(record), "pulled_ns": record["pulled_ns"]}
+
+
 class Imaged(Service):
     api = IMAGED
     # Talks to registries and writes only its own store: no capability at all.
@@ -83,6 +90,8 @@ class Imaged(Service):
         self._gc_lock = asyncio.Lock()
         self._active_pulls = 0
         self._gc_pending = False
+        self.feed = StateFeed(self.publish)
+        self._images_feed = ImageFeed(self.feed, _feed_view)
 
     # -- life cycle ----------------------------------------------------------
 
@@ -106,6 +115,8 @@ class Imaged(Service):
         # Blobs a killed pull stored, or images lost with a damaged database, left: no record needs them.
         self._gc_pending = True
         await self._sweep_blobs()
+        await self._images_feed.refresh(self.records)
+        self.feed.start()
         log.info("imaged_started", state_dir=str(self.state_dir), images=len(images),
                  not_ready=sum(1 for i in images if not i["ready"]))
         self.ready = True
@@ -131,6 +142,7 @@ class Imaged(Service):
 
     async def stop(self) -> None:
         self.ready = False
+        await self.feed.close()
         puller, http, records = self.puller, self.http, self.records
         self.puller = self.http = self.records = None
         if puller is not None:
@@ -196,6 +208,8 @@ class Imaged(Service):
             metrics.IMAGE_PULLS.labels(outcome).inc()
             metrics.IMAGE_PULL_DURATION.observe(time.monotonic() - started)
             self._active_pulls -= 1
+            # A pull of an image already listed refreshes its record (when it was pulled, its size).
+            await self._images_feed.refresh(self.records)
             if self._active_pulls == 0 and self._gc_pending:
                 await self._sweep_blobs()
 
@@ -230,6 +244,7 @@ class Imaged(Service):
         assert self.records is not None
         if not await asyncio.to_thread(self.records.mark_ready, image_id):
             raise NotFound(f"image {image_id} not found")
+        await self._images_feed.refresh(self.records)
         return {"image_id": image_id, "ready": True}
 
     @method
@@ -246,6 +261,7 @@ class Imaged(Service):
             await asyncio.to_thread(self.records.update, image_id, pending_names=None)
             return {"image_id": image_id, "removed": False}
         await asyncio.to_thread(self.records.delete, image_id)
+        await self._images_feed.refresh(self.records)
         self._gc_pending = True
         await self._sweep_blobs()
         log.info("image_pull_abandoned", image_id=image_id)
@@ -263,6 +279,7 @@ class Imaged(Service):
         if record is None or not record["ready"]:
             raise NotFound(f"image {image_id} is not pulled")
         if await asyncio.to_thread(self._hide_if_incomplete, record):
+            await self._images_feed.refresh(self.records)
             raise NotFound(f"image {image_id} is not pulled any more: blobs of it are missing from the store")
         return {"image_id": image_id, "top_layer": record["top_layer"],
                 "layers": [{**l, "path": str(self.store.path(l["digest"]))} for l in record["layers"]]}
@@ -279,6 +296,7 @@ class Imaged(Service):
             fields["unpacked_size"] = unpacked_size
         if not await asyncio.to_thread(self.records.update, image_id, **fields):
             raise NotFound(f"image {image_id} not found")
+        await self._images_feed.refresh(self.records)
         record = await asyncio.to_thread(self.records.get, image_id)
         return {"image_id": image_id, "top_layer": top_layer, "size": image_size(record) if record else None}
 
@@ -314,12 +332,14 @@ class Imaged(Service):
                     by_tag = ref.tagged
         if by_tag is not None and len(record["repo_tags"]) > 1:
             await asyncio.to_thread(records.remove_name, by_tag)
+            await self._images_feed.refresh(records)
             log.info("image_untagged", image_id=record["id"], tag=by_tag)
             return {"image_id": record["id"], "deleted": False, "untagged": [by_tag]}
         if record["id"] in (in_use or []):
             raise FailedPrecondition(
                 f"image {reference} ({record['id']}) is in use by a container and cannot be removed")
         await asyncio.to_thread(records.delete, record["id"])
+        await self._images_feed.refresh(records)
         self._gc_pending = True
         await self._sweep_blobs()
         log.info("image_removed", image_id=record["id"], names=record["repo_tags"] + record["repo_digests"])
@@ -332,6 +352,11 @@ class Imaged(Service):
         assert self.records is not None
         records = await asyncio.to_thread(self.records.all, ready_only=False)
         return sorted({r["top_layer"] for r in records if r["top_layer"]})
+
+    @method
+    async def snapshot(self, marker: str = "") -> dict:
+        """Every ready image as the frontend's read model keeps them (state_feed.py)."""
+        return self.feed.snapshot(marker)
 
     @method
     async def fs_info(self) -> dict:

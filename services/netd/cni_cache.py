@@ -4,7 +4,9 @@ One file per attachment, `<dir>/results/<network>-<container id>-<ifname>`,
 holding the network configuration list that was used, the CNI_ARGS and
 capability arguments, and the result. DEL and CHECK read it back, so they use
 exactly what ADD used even after the configuration directory changed or netd
-restarted.
+restarted. An entry found torn or garbage at start is moved to netd's
+quarantine/: DEL then runs with the recorded configuration and no previous
+result, as libcni does without a cache.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from services.netd import statefiles
+from shared import quarantine
 
 
 @dataclass(frozen=True)
@@ -50,18 +53,43 @@ class ResultCache:
     def load(self, network_name: str, container_id: str, ifname: str) -> CachedAttachment | None:
         """The cached attachment, or None if missing or unreadable."""
         try:
-            data = statefiles.read_json(self.path(network_name, container_id, ifname))
-        except ValueError:
+            return _decode(statefiles.read_json(self.path(network_name, container_id, ifname)))
+        except (OSError, ValueError):
             return None
-        if not isinstance(data, dict) or data.get("kind") != "cniCacheV1":
-            return None
+
+    def load_all(self) -> list[CachedAttachment]:
+        """Every readable entry; the others are moved to quarantine (blocks)."""
+        entries = []
         try:
-            return CachedAttachment(
-                network_name=data["networkName"], container_id=data["containerId"], ifname=data["ifName"],
-                config=base64.b64decode(data["config"]).decode(), cni_args=data.get("cniArgs") or [],
-                capability_args=data.get("capabilityArgs") or {}, result=data["result"])
-        except (KeyError, TypeError, ValueError):
-            return None
+            paths = sorted(p for p in (self.directory / "results").iterdir() if not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+        for path in paths:
+            try:
+                entry = _decode(statefiles.read_json(path))
+                if entry is None:
+                    raise ValueError("not a CNI cache entry")
+                if path != self.path(entry.network_name, entry.container_id, entry.ifname):
+                    raise ValueError("not the entry its file name says")
+            except (OSError, ValueError) as e:
+                quarantine.set_aside(self.directory.parent, [path], kind="cni_cache", name=path.name,
+                                     error=str(e) or type(e).__name__)
+                continue
+            entries.append(entry)
+        return entries
 
     def remove(self, network_name: str, container_id: str, ifname: str) -> None:
         statefiles.remove(self.path(network_name, container_id, ifname))
+
+
+def _decode(data: Any) -> CachedAttachment | None:
+    """An entry as libcni writes it; None when `data` is not one."""
+    if not isinstance(data, dict) or data.get("kind") != "cniCacheV1" or not isinstance(data.get("result"), dict):
+        return None
+    try:
+        return CachedAttachment(
+            network_name=data["networkName"], container_id=data["containerId"], ifname=data["ifName"],
+            config=base64.b64decode(data["config"]).decode(), cni_args=data.get("cniArgs") or [],
+            capability_args=data.get("capabilityArgs") or {}, result=data["result"])
+    except (KeyError, TypeError, ValueError):
+        return None

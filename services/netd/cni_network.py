@@ -10,6 +10,7 @@ in its `capabilities`.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -53,7 +54,8 @@ class CniRunner:
         self.plugin_dirs = tuple(plugin_dirs)
         self.timeout = timeout
         self.owner = owner
-        self._versions: dict[tuple[str, int], list[str]] = {}
+        # Asked once per plugin binary: the pods of a burst that need it wait for the same answer.
+        self._versions: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
 
     def _plugin(self, plugin_type: str) -> Path:
         path = find_plugin(plugin_type, list(self.plugin_dirs))
@@ -94,13 +96,21 @@ class CniRunner:
                 key = (str(path), os.stat(path).st_mtime_ns)
             except OSError:
                 key = (str(path), 0)
-            if key not in self._versions:
-                self._versions[key] = await cni_plugin.supported_versions(
-                    path, self.plugin_dirs, self.timeout, self.owner)
-            if net.cni_version not in self._versions[key]:
+            asked = self._versions.get(key)
+            if asked is None:
+                asked = self._versions[key] = asyncio.ensure_future(cni_plugin.supported_versions(
+                    path, self.plugin_dirs, self.timeout, self.owner))
+                asked.add_done_callback(lambda done, key=key: self._forget_failed(key, done))
+            supported = await asyncio.shield(asked)
+            if net.cni_version not in supported:
                 raise PluginError(
                     f"CNI plugin {plugin['type']!r} does not support cniVersion {net.cni_version} of network "
-                    f"{net.name!r} (it supports {', '.join(self._versions[key])})", plugin=plugin["type"])
+                    f"{net.name!r} (it supports {', '.join(supported)})", plugin=plugin["type"])
+
+    def _forget_failed(self, key: tuple[str, int], done: asyncio.Future[list[str]]) -> None:
+        """A failed answer is not kept: the next attach asks again."""
+        if done.cancelled() or done.exception() is not None:
+            self._versions.pop(key, None)
 
     async def add(self, net: NetworkList, rt: RuntimeConf) -> dict[str, Any]:
         """Run ADD through the chain; raises AddFailed naming the plugin that failed."""

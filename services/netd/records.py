@@ -4,6 +4,8 @@ A record is written as `attaching` before the namespace or any plugin is
 touched, becomes `attached` when ADD succeeded, and `detaching` before
 teardown starts; it is removed when teardown is complete. After a crash,
 `attaching` and `detaching` records say exactly what to roll back or finish.
+A record found torn or garbage at start is moved to netd's quarantine/
+(recovery.py rebuilds it from the CNI result cache or the namespace pin).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import structlog
 
 from services.netd import statefiles
+from shared import quarantine
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +62,7 @@ class RecordStore:
         statefiles.remove(self._path(pod_id))
 
     def load_all(self) -> list[PodRecord]:
+        """Every readable record; the others are moved to quarantine (blocks)."""
         records = []
         try:
             paths = sorted(self.directory.glob("*.json"))
@@ -71,8 +75,11 @@ class RecordStore:
                 if not isinstance(data, dict) or data.get("state") not in STATES:
                     raise ValueError("not a pod record")
                 record = PodRecord(**{k: v for k, v in data.items() if k in names})
-            except (ValueError, TypeError) as e:
-                log.error("pod_record_unreadable", file=str(path), error=str(e))
+                if record.pod_id != path.stem:
+                    raise ValueError("not the record its file name says")
+            except (OSError, ValueError, TypeError) as e:
+                quarantine.set_aside(self.directory.parent, [path], kind="pod_network", name=path.stem,
+                                     error=str(e) or type(e).__name__)
                 continue
             records.append(record)
         return records

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import structlog
 
-from services.netd import cni_result, netns, orphans, pod_args
+from services.netd import cni_result, netns, orphans, pod_args, recovery
 from services.netd import net_stats, pod_cidr
 from services.netd import port_forward
 from services.netd.cni_cache import CachedAttachment, ResultCache
@@ -245,6 +245,7 @@ class Netd(Service):
     async def _reconcile(self) -> None:
         # Calls still running from a killed predecessor would race the rollback.
         await orphans.wait_for_orphans(self._owner, self._timeout)
+        await self._recover()
         for record in list(self._pods.values()):
             if record.state in (ATTACHING, DETACHING):
                 log.info("pod_network_unfinished", pod_id=record.pod_id, state=record.state,
@@ -253,11 +254,27 @@ class Netd(Service):
                     await self._teardown(record)
                 except CriopyError as e:
                     log.error("pod_network_teardown_failed", pod_id=record.pod_id, error=e.message)
+                except Exception as e:  # a record that makes no sense: netd starts all the same
+                    log.exception("pod_network_teardown_failed", pod_id=record.pod_id, error=str(e))
             elif not netns.is_pinned(record.netns_path):
                 log.warning("pod_netns_missing", pod_id=record.pod_id, netns=record.netns_path)
+
+    async def _recover(self) -> None:
+        """Records again for attachments whose record was lost, from the result cache or the pin (recovery.py)."""
+        for entry in await asyncio.to_thread(self._cache.load_all):
+            if entry.container_id not in self._pods:
+                try:
+                    await self._save(recovery.from_cache(entry, self._netns_dir))
+                except Exception as e:  # netd starts all the same
+                    log.exception("pod_network_record_rebuild_failed", pod_id=entry.container_id, error=str(e))
         known = {Path(r.netns_path) for r in self._pods.values()}
+        network = self._watcher.current().network
         for pin in netns.list_pins(self._netns_dir):
-            if pin not in known:
+            if pin in known:
+                continue
+            if network is not None and netns.is_pinned(pin):
+                await self._save(recovery.from_pin(pin, network, IFNAME))
+            else:
                 log.info("orphan_netns_removed", netns=str(pin))
                 await netns.remove(pin)
 

@@ -222,15 +222,6 @@ def sum_samples(samples: list[Sample]) -> Sample:
 
 # -- finding a container's cgroup ---------------------------------------------
 
-_v1_mounts: dict[str, str] | None = None
-
-
-def _mounts() -> dict[str, str]:
-    global _v1_mounts
-    if _v1_mounts is None:
-        _v1_mounts = cgroups.v1_mounts()
-    return _v1_mounts
-
 
 def dirs_of_pid(pid: int) -> CgroupDirs | None:
     """The cgroup directories of a live process, from /proc/<pid>/cgroup."""
@@ -248,7 +239,7 @@ def dirs_from_proc_cgroup(lines: list[str]) -> CgroupDirs | None:
             if line.startswith("0::"):
                 return CgroupDirs(v2=os.path.join(cgroups.CGROUP_ROOT, line[3:].lstrip("/")))
         return None
-    mounts = _mounts()
+    mounts = cgroups.v1_mounts()
     found: dict[str, str] = {}
     for line in lines:
         parts = line.split(":", 2)
@@ -266,7 +257,7 @@ def dirs_of_path(path: str) -> CgroupDirs:
     """The directories of a cgroupfs path (e.g. `/kubepods/pod1/crio-<id>`)."""
     if cgroups.is_v2():
         return CgroupDirs(v2=os.path.join(cgroups.CGROUP_ROOT, path.lstrip("/")))
-    mounts = _mounts()
+    mounts = cgroups.v1_mounts()
     rel = path.lstrip("/")
     return CgroupDirs(**{c: os.path.join(mounts[c], rel) for c in ("cpu", "cpuacct", "memory", "pids")
                          if c in mounts})

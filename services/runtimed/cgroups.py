@@ -6,6 +6,7 @@ own cgroup below them and removes it on `runc delete`.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
@@ -26,8 +27,26 @@ def is_v2() -> bool:
     return os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers"))
 
 
+_v1_mounts: dict[str, str] | None = None
+
+
 def v1_mounts() -> dict[str, str]:
-    """Mount point of each v1 controller, from /proc/self/mountinfo."""
+    """Mount point of each v1 controller (do not change it), read once: a pod's cgroups are looked up
+    several times as it is made and removed, and the mount table grows with every pod (its namespace
+    pins, /dev/shm, root file systems), so reading it each time would cost more with each pod."""
+    global _v1_mounts
+    if _v1_mounts is None:
+        _v1_mounts = _read_v1_mounts()
+    return _v1_mounts
+
+
+def refresh_mounts() -> None:
+    """Read the cgroup hierarchies again at the next lookup (they are examined again: start, reload)."""
+    global _v1_mounts
+    _v1_mounts = None
+
+
+def _read_v1_mounts() -> dict[str, str]:
     mounts: dict[str, str] = {}
     try:
         table = mountinfo.current()
@@ -164,17 +183,34 @@ def _enable_subtree(directory: str) -> None:
         pass
 
 
-def remove_dirs(dirs: list[str], *, timeout: float = 2.0) -> list[str]:
+async def remove_dirs(dirs: list[str], *, timeout: float = 2.0) -> list[str]:
     """Remove cgroup directories (deepest first); return those still in use.
 
-    Blocking (it waits for exiting tasks to leave): run it in a thread. A
-    directory with child cgroups is in use by someone else and is left alone.
+    A directory whose last tasks are still leaving is tried again until
+    `timeout`, waiting on the event loop (never in a thread: a pod slow to empty
+    would hold one of the few the whole daemon shares). A directory with child
+    cgroups is in use by someone else and is left alone.
     """
     left: list[str] = []
     for directory in sorted(dirs, key=lambda d: d.count("/"), reverse=True):
-        if not _rmdir_retry(directory, timeout):
+        deadline = time.monotonic() + timeout
+        while (removed := _rmdir(directory)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not removed:
+            log.info("cgroup_left_in_use", path=directory)
             left.append(directory)
     return left
+
+
+def _rmdir(directory: str) -> bool | None:
+    """One try: True when it is gone, None when it may empty soon, False when it is in use for good."""
+    try:
+        os.rmdir(directory)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        return None if e.errno == errno.EBUSY and not _has_children(directory) else False
 
 
 def _has_children(directory: str) -> bool:
@@ -184,23 +220,8 @@ def _has_children(directory: str) -> bool:
         return False
 
 
-def _rmdir_retry(directory: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.rmdir(directory)
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError as e:
-            if e.errno != errno.EBUSY or _has_children(directory) or time.monotonic() > deadline:
-                log.info("cgroup_left_in_use", path=directory, error=e.strerror)
-                return False
-            time.sleep(0.05)
-
-
-def remove_tree(path: str, *, timeout: float = 5.0) -> list[str]:
-    """Remove cgroup `path` and its empty children in every hierarchy."""
+def tree_dirs(path: str) -> list[str]:
+    """Cgroup `path` and every cgroup below it, in every hierarchy (for remove_dirs)."""
     dirs: list[str] = []
     for top in controller_dirs(path):
         for root, subdirs, _files in os.walk(top):
@@ -208,7 +229,7 @@ def remove_tree(path: str, *, timeout: float = 5.0) -> list[str]:
                 dirs.append(os.path.join(root, d))
         if os.path.isdir(top):
             dirs.append(top)
-    return remove_dirs(dirs, timeout=timeout)
+    return dirs
 
 
 def procs(path: str) -> list[str]:

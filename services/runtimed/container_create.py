@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from services.runtimed import cgroups, conmon, container_remove, infra, process, spec, spec_values
+from services.runtimed import cgroups, conmon, container_remove, infra, oci_annotations, process, spec, spec_values
 from services.runtimed.context import Context
 from services.runtimed.paths import confined_relative
 from services.runtimed.records import CONTAINER_STATES, CONTAINERS
@@ -110,8 +110,6 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
             log.warning("container_create_clears_leftover", container_id=rec["id"])
             await undo(ctx, {**rec, "bundle": bundle})
         os.makedirs(bundle, mode=0o700, exist_ok=True)
-        with open(os.path.join(bundle, "config.json"), "w") as f:
-            json.dump(built.spec, f)
         image_spec = cfg.get("image") or {}
         rec.update(
             state="creating", bundle=bundle, rootfs=rootfs, log_path=log_path,
@@ -124,6 +122,9 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
             tty=bool(cfg.get("tty")),
             conmon_cgroup_dirs=[],
         )
+        built.spec["annotations"].update(oci_annotations.of_container(rec, sb))
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(built.spec, f)
         conmon_cgroup = _conmon_cgroup_path(ctx, rec, sb)
         if conmon_cgroup and ctx.rc.conmon_cgroup == "pod":
             rec["conmon_cgroup_dirs"] = cgroups.missing(conmon_cgroup)

@@ -59,5 +59,5 @@ async def remove_files(ctx: Context, rec: dict[str, Any]) -> None:
         await asyncio.to_thread(shutil.rmtree, rec["bundle"], ignore_errors=True)
     if rec.get("conmon_cgroup_dirs"):
         # conmon has exited: its cgroup is empty, and removing it is quick.
-        await asyncio.to_thread(cgroups.remove_dirs, rec["conmon_cgroup_dirs"], timeout=0.5)
+        await cgroups.remove_dirs(rec["conmon_cgroup_dirs"], timeout=0.5)
         rec["conmon_cgroup_dirs"] = []

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import zmq
 
-from services.runtimed import status
+from services.runtimed import infra, status
 from services.runtimed.records import CONTAINER_STATES, SANDBOX_STATES
 from shared.bus.sockets import Monitor
 
@@ -155,6 +155,7 @@ class EventPublisher:
         if rec is None or rec.get("state") not in SANDBOX_STATES:
             last = self._last_sandbox.get(sandbox_id)
             return {**last, "state": "SANDBOX_NOTREADY"} if last else None
+        infra.check(self.service.ctx, rec)
         entry = status.sandbox_status(rec)
         self._last_sandbox[sandbox_id] = entry
         return entry

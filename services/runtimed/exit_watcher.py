@@ -85,7 +85,7 @@ async def _written(ctx: Context, name: str) -> None:
         await exits.refresh(ctx, rec)
     sandbox = ctx.records.sandboxes.get(name)
     if sandbox is not None:
-        infra.refresh(sandbox)
+        infra.check(ctx, sandbox)
 
 
 async def _sweep(ctx: Context, *, check_monitors: bool) -> None:
@@ -95,4 +95,4 @@ async def _sweep(ctx: Context, *, check_monitors: bool) -> None:
             if check_monitors and rec["state"] in exits.LIVE and not exits.conmon_alive(rec):
                 exits.note_monitor_gone(rec)
     for rec in list(ctx.records.sandboxes.values()):
-        infra.refresh(rec)
+        infra.check(ctx, rec)

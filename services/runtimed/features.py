@@ -78,6 +78,7 @@ def mount_setattr(release: str) -> tuple[bool, str]:
 def detect_host() -> HostFeatures:
     release = os.uname().release
     setattr_ok, setattr_reason = mount_setattr(release)
+    cgroups.refresh_mounts()
     hugetlb_ok, hugetlb_reason = cgroups.hugetlb_usable()
     return HostFeatures(kernel=release, mount_setattr=setattr_ok, mount_setattr_reason=setattr_reason,
                         hugetlb=hugetlb_ok, hugetlb_reason=hugetlb_reason)

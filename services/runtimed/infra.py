@@ -14,9 +14,10 @@ from typing import Any
 
 import structlog
 
-from services.runtimed import conmon, exits, process, spec
+from services.runtimed import conmon, exits, oci_annotations, process, spec
 from services.runtimed.context import Context
 from services.runtimed.disk_cleanup import unlink_quiet
+from services.runtimed.records import SANDBOXES
 from shared.errors import FailedPrecondition, Internal, NotFound
 
 log = structlog.get_logger(__name__)
@@ -33,11 +34,19 @@ def alive(rec: dict[str, Any]) -> bool:
     return infra.get("pid_start") is None or process.process_start_time(pid) == infra["pid_start"]
 
 
-def refresh(rec: dict[str, Any]) -> None:
-    """Mark a ready pod whose infra process died: it is then reported NOTREADY."""
-    if rec.get("infra") and rec["state"] == "ready" and not alive(rec):
+def refresh(rec: dict[str, Any]) -> bool:
+    """Mark a ready pod whose infra process died: it is then reported NOTREADY. Whether it was marked now."""
+    if rec.get("infra") and rec["state"] == "ready" and not rec.get("infra_exited") and not alive(rec):
         log.warning("sandbox_infra_exited", sandbox_id=rec["id"])
         rec["infra_exited"] = True
+        return True
+    return False
+
+
+def check(ctx: Context, rec: dict[str, Any]) -> None:
+    """`refresh`, and a pod found NOTREADY now goes to the read model (the mark is not saved)."""
+    if refresh(rec):
+        ctx.records.touched(SANDBOXES, rec)
 
 
 def facts(rec: dict[str, Any]) -> spec.SandboxFacts:
@@ -82,6 +91,7 @@ async def start(ctx: Context, rec: dict[str, Any]) -> None:
     rootfs = await asyncio.to_thread(_rootfs, ctx)
     infra_spec = spec.infra_spec(sandbox_id=rec["id"], rootfs=rootfs, command="/catatonit",
                                  sandbox=facts(rec), systemd_cgroup=ctx.systemd)
+    infra_spec["annotations"].update(oci_annotations.of_sandbox(rec))
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(infra_spec, f)
     rec["infra"] = {"bundle": bundle, "pid": 0}

@@ -5,19 +5,22 @@ retry makes it again), unless its container was in fact created, which is
 then finished; a container started just before the restart is recorded
 running; a removal is finished; an exit while runtimed was down is read
 from conmon's exit file (or, when conmon died too, recorded as an error); a
-runc container no record knows is deleted.
+runc container no record knows is deleted. Pods and containers whose record
+was lost are given one first (recovery.py). A record whose reconciling fails
+is logged and left as it is: runtimed never fails to start over one record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import structlog
 
-from services.runtimed import conmon, container_create, container_remove, exits, infra, process, sandbox_remove, \
-    sandbox_run
+from services.runtimed import conmon, container_create, container_remove, exits, infra, process, recovery, \
+    sandbox_remove, sandbox_run
 from services.runtimed.context import Context
 from shared.errors import Internal
 
@@ -25,35 +28,51 @@ log = structlog.get_logger(__name__)
 
 
 async def reconcile(ctx: Context) -> None:
+    await recovery.recover(ctx)
     records = ctx.records
     for rec in list(records.sandboxes.values()):
-        if rec["state"] == "creating":
-            log.info("sandbox_undo_in_flight", sandbox_id=rec["id"])
-            await sandbox_run.teardown(ctx, rec, remove=True)
-            rec["state"] = "reserved"
-            await records.save_sandbox(rec)
-        elif rec["state"] == "removing":
-            await sandbox_remove.finish_removal(ctx, rec)
+        async with _each("sandbox", rec):
+            if rec["state"] == "creating":
+                log.info("sandbox_undo_in_flight", sandbox_id=rec["id"])
+                await sandbox_run.teardown(ctx, rec, remove=True)
+                rec["state"] = "reserved"
+                await records.save_sandbox(rec)
+            elif rec["state"] == "removing":
+                await sandbox_remove.finish_removal(ctx, rec)
     for rec in list(records.containers.values()):
-        state = rec["state"]
-        if state == "creating":
-            await _reconcile_creating(ctx, rec)
-        elif state == "removing":
-            await container_remove.finish_removal(ctx, rec)
-        elif state in exits.LIVE:
-            await exits.refresh(ctx, rec)
-            if rec["state"] == "created":
-                await _reconcile_started(ctx, rec)
-            if rec["state"] in exits.LIVE and not exits.conmon_alive(rec):
-                exits.note_monitor_gone(rec)
-                st = await ctx.runc(rec).state(rec["id"])
-                if st is None or st.get("status") == "stopped":
-                    await exits.mark_exited(ctx, rec, 255, reason="Error",
-                                            message="the container's monitor (conmon) is gone")
+        async with _each("container", rec):
+            await _reconcile_container(ctx, rec)
     for rec in records.sandboxes.values():
         if rec.get("infra") and rec["state"] == "ready":
-            infra.refresh(rec)
+            infra.check(ctx, rec)
     await _delete_orphans(ctx)
+
+
+@contextlib.asynccontextmanager
+async def _each(kind: str, rec: dict[str, Any]) -> AsyncIterator[None]:
+    """Reconcile one record; its failure is logged, and the others go on."""
+    try:
+        yield
+    except Exception as e:
+        log.exception(f"{kind}_reconcile_failed", id=rec.get("id"), state=rec.get("state"), error=str(e))
+
+
+async def _reconcile_container(ctx: Context, rec: dict[str, Any]) -> None:
+    state = rec["state"]
+    if state == "creating":
+        await _reconcile_creating(ctx, rec)
+    elif state == "removing":
+        await container_remove.finish_removal(ctx, rec)
+    elif state in exits.LIVE:
+        await exits.refresh(ctx, rec)
+        if rec["state"] == "created":
+            await _reconcile_started(ctx, rec)
+        if rec["state"] in exits.LIVE and not exits.conmon_alive(rec):
+            exits.note_monitor_gone(rec)
+            st = await ctx.runc(rec).state(rec["id"])
+            if st is None or st.get("status") == "stopped":
+                await exits.mark_exited(ctx, rec, 255, reason="Error",
+                                        message="the container's monitor (conmon) is gone")
 
 
 async def _reconcile_creating(ctx: Context, rec: dict[str, Any]) -> None:

@@ -3,16 +3,18 @@
 A record is a plain dict, saved (store.py) at each change of state. A pod or
 container is found by its id or by a unique prefix of it; while it is
 reserved or being made it exists but is not visible to status calls.
+`on_change` hears every save and every record dropped (state_feed.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, AsyncContextManager
+from typing import Any, AsyncContextManager, Callable
 
 from services.runtimed.store import Store
 from shared.errors import NotFound
+from shared.short_ids import find as _find
 from shared.keyed_locks import KeyedLocks
 
 # Visible states and their CRI names; the others (reserved, creating, removing) are not listed.
@@ -22,6 +24,11 @@ CONTAINER_STATES = {"created": "CONTAINER_CREATED", "running": "CONTAINER_RUNNIN
 
 SANDBOXES = "sandboxes"
 CONTAINERS = "containers"
+# Every state a saved record may be in, and the keys every saved record has.
+ALL_STATES = {SANDBOXES: ("reserved", "creating", *SANDBOX_STATES, "removing"),
+              CONTAINERS: ("reserved", "creating", *CONTAINER_STATES, "removing")}
+REQUIRED = {SANDBOXES: ("id", "name", "state", "config"),
+            CONTAINERS: ("id", "name", "state", "config", "sandbox_id")}
 
 
 class Records:
@@ -34,15 +41,22 @@ class Records:
         self._locks = KeyedLocks()
         self._changed = asyncio.Condition()
         self._store: Store | None = None
+        # Called with (kind, record) at each save and once a record is dropped.
+        self.on_change: Callable[[str, dict[str, Any]], None] | None = None
 
     def load(self) -> None:
-        """Read every saved record (at start, before anything else touches them)."""
+        """Read every saved record (at start, before anything else touches them); a damaged one is
+        moved to quarantine and left out (recovery.py finds what it made)."""
         self._store = Store(self._directory)
         for kind in (SANDBOXES, CONTAINERS):
-            table = self.table(kind)
-            for rec in self._store.load_all(kind):
-                table[rec["id"]] = rec
-                self.names[kind][rec["name"]] = rec["id"]
+            for rec in self._store.load_all(kind, REQUIRED[kind], ALL_STATES[kind]):
+                self.add(kind, rec)
+
+    def add(self, kind: str, rec: dict[str, Any]) -> None:
+        """Hold a record and its name (a loaded or rebuilt one; a name not known is held by none)."""
+        self.table(kind)[rec["id"]] = rec
+        if rec["name"]:
+            self.names[kind][rec["name"]] = rec["id"]
 
     def table(self, kind: str) -> dict[str, dict[str, Any]]:
         return self.sandboxes if kind == SANDBOXES else self.containers
@@ -69,7 +83,13 @@ class Records:
 
     async def save(self, kind: str, rec: dict[str, Any]) -> None:
         assert self._store is not None
+        self.touched(kind, rec)
         await self._store.save(kind, rec)
+
+    def touched(self, kind: str, rec: dict[str, Any]) -> None:
+        """Tell `on_change` of a change (saves do; a fact kept only in memory, such as a dead infra process, too)."""
+        if self.on_change is not None:
+            self.on_change(kind, rec)
 
     async def save_sandbox(self, rec: dict[str, Any]) -> None:
         await self.save(SANDBOXES, rec)
@@ -91,6 +111,7 @@ class Records:
         names = self.names[kind]
         if names.get(rec["name"]) == rec["id"]:
             del names[rec["name"]]
+        self.touched(kind, rec)
 
     # -- lookups ----------------------------------------------------------------
 
@@ -116,12 +137,3 @@ class Records:
 
     def containers_of(self, sandbox_id: str) -> list[dict[str, Any]]:
         return [c for c in self.containers.values() if c["sandbox_id"] == sandbox_id]
-
-
-def _find(table: dict[str, dict[str, Any]], object_id: str) -> dict[str, Any] | None:
-    rec = table.get(object_id)
-    if rec is None and object_id and len(object_id) < 64:
-        matches = [r for i, r in table.items() if i.startswith(object_id)]
-        if len(matches) == 1:
-            rec = matches[0]
-    return rec

@@ -203,7 +203,7 @@ async def teardown(ctx: Context, rec: dict[str, Any], *, remove: bool) -> None:
         return
     for key in ("ipc_ns_path", "uts_ns_path"):
         namespaces.unpin(rec.get(key))
-    busy = await asyncio.to_thread(cgroups.remove_dirs, rec.get("cgroups_made") or [])
+    busy = await cgroups.remove_dirs(rec.get("cgroups_made") or [])
     if busy:
         log.warning("sandbox_cgroups_left", sandbox_id=rec["id"], dirs=busy)
     pod_dir, run_dir = ctx.sandbox_paths(rec["id"])

@@ -21,13 +21,15 @@ from typing import Any, Callable
 import structlog
 
 from services.runtimed import (checkpoint, container_create, container_exec, container_log, container_remove,
-                               container_start, container_stop, exec_leftovers, exit_watcher, reconcile, reservations,
-                               resource_updates, runc, sandbox_remove, sandbox_run, sandbox_stop, stats, status)
+                               container_start, container_stop, exec_leftovers, exit_watcher, reconcile,
+                               reservations, resource_updates, runc, sandbox_remove, sandbox_run, sandbox_stop,
+                               state_feed, stats, status)
 from services.runtimed.context import Context
 from services.runtimed.event_publisher import EventPublisher
 from services.runtimed.records import CONTAINER_STATES, SANDBOX_STATES
 from shared import metrics
 from shared.bus.api import RUNTIMED
+from shared.bus.feed import StateFeed
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.reload import ReloadResult
@@ -56,6 +58,7 @@ class Runtimed(Service):
         self.ctx = Context(config)
         self._watcher: asyncio.Task[None] | None = None
         self._event_publisher: EventPublisher | None = None
+        self.feed = StateFeed(self.publish)
 
     @property
     def sandboxes(self) -> dict[str, dict[str, Any]]:
@@ -79,8 +82,11 @@ class Runtimed(Service):
         self._event_publisher = EventPublisher(self)
         self._event_publisher.attach()
         ctx.events.subscribe(_count_oom_kills)
+        state_feed.attach(ctx, self.feed)
         await reconcile.reconcile(ctx)
         await exec_leftovers.end_leftover_execs(ctx)
+        state_feed.put_all(ctx, self.feed)
+        self.feed.start()
         self._watcher = asyncio.create_task(exit_watcher.watch(ctx), name="runtimed-exit-watcher")
         self.ready = True
         log.info("runtimed_started", sandboxes=len(self.sandboxes), containers=len(self.containers))
@@ -94,6 +100,7 @@ class Runtimed(Service):
         if self._event_publisher is not None:
             await self._event_publisher.close()
             self._event_publisher = None
+        await self.feed.close()
 
     def refresh_metrics(self) -> None:
         for gauge, records, names in ((metrics.CONTAINERS, self.containers, CONTAINER_STATES),
@@ -165,6 +172,11 @@ class Runtimed(Service):
     @method
     async def list_sandboxes(self, filter: dict | None = None) -> list:
         return await status.list_sandboxes(self.ctx, filter)
+
+    @method
+    async def snapshot(self, marker: str = "") -> dict:
+        """Every visible pod and container as the frontend's read model keeps them (state_feed.py)."""
+        return self.feed.snapshot(marker)
 
     @method
     async def update_sandbox_resources(self, sandbox_id: str, resources: dict | None = None,

@@ -24,7 +24,7 @@ _CONTAINER_STATE_FILTER = ["CONTAINER_CREATED", "CONTAINER_RUNNING", "CONTAINER_
 
 
 def sandbox_state(rec: dict[str, Any]) -> str:
-    infra.refresh(rec)
+    """Its CRI state; a dead infra process counts once noticed (infra.check: status calls, the exit watcher)."""
     if rec["state"] == "ready" and rec.get("infra_exited"):
         return "SANDBOX_NOTREADY"
     return SANDBOX_STATES[rec["state"]]
@@ -69,6 +69,7 @@ def _sandbox_info(rec: dict[str, Any]) -> dict[str, Any]:
 
 async def sandbox_status_call(ctx: Context, sandbox_id: str, verbose: bool) -> dict[str, Any]:
     rec = ctx.records.sandbox(sandbox_id, visible=True)
+    infra.check(ctx, rec)
     result: dict[str, Any] = {"status": sandbox_status(rec)}
     if verbose:
         result["info"] = _sandbox_info(rec)
@@ -85,6 +86,7 @@ async def list_sandboxes(ctx: Context, filter: dict | None) -> list[dict[str, An
             continue
         if f.get("id") and not rec["id"].startswith(f["id"]):
             continue
+        infra.check(ctx, rec)
         entry = sandbox_entry(rec)
         if _selected(entry, want_state, selector):
             out.append(entry)

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import structlog
 
-from services.storaged import decompress, quarantine
+from services.storaged import decompress
 from services.storaged.digests import hex_of, is_digest
 from services.storaged.tar_extract import extract_tar
 from services.storaged.usage import measure
-from shared import atomic
+from shared import atomic, quarantine
 from shared.errors import InvalidArgument, NotFound, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
@@ -118,7 +118,7 @@ class LayerStore:
                 if hex_of(record.chain_id) != name or not os.path.isdir(os.path.join(path, DIFF)):
                     raise ValueError("record does not match its directory")
             except (OSError, ValueError, TypeError) as e:
-                quarantine.set_aside(self.root, os.path.join(path, RECORD), kind="layer", name=name, error=str(e))
+                quarantine.set_aside(self.root, [os.path.join(path, RECORD)], kind="layer", name=name, error=str(e))
                 if f"sha256:{name}" in in_use:
                     self._hold(name)
                 else:

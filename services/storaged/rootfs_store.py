@@ -25,8 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import structlog
 
-from services.storaged import quarantine
-from shared import atomic
+from shared import atomic, quarantine
 from shared.errors import InvalidArgument, is_no_space, out_of_space
 
 log = structlog.get_logger(__name__)
@@ -87,7 +86,7 @@ class RootfsStore:
                 if record.container_id != name or record.state not in (CREATED, REMOVING):
                     raise ValueError("record does not match its directory")
             except (OSError, ValueError, TypeError) as e:
-                quarantine.set_aside(self.root, os.path.join(self.rootfs_dir, name, RECORD),
+                quarantine.set_aside(self.root, [os.path.join(self.rootfs_dir, name, RECORD)],
                                      kind="rootfs", name=name, error=str(e))
                 broken.append(name)
                 continue

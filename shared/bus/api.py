@@ -6,10 +6,17 @@ frontend learns which calls it may retry, and the `criopy` command whom to
 ask, without importing any daemon's code.
 
 `callers` names the processes allowed to call a method: FRONTEND (the only
-caller of the daemons' work) and ROOT (uid 0: the `criopy` command's status,
-reload and restart). It is the architecture's table of edges, method by
-method, for a server to check against the caller's credentials (SO_PEERCRED)
-once each process runs as a user of its own.
+caller of the daemons) and ROOT (uid 0 outside every service: the `criopy`
+command's status, reload and restart, which only the supervisor answers). It
+is the architecture's table of edges, method by method:
+
+    frontend -> storaged, imaged, netd, runtimed (every method, their events, their streams)
+    root     -> supervisor
+    nothing else: no daemon calls another, nobody calls the frontend over the bus
+
+Every server checks each request against it, with the caller's credentials
+taken from the connection (shared/bus/peers.py); shared/identities.py says
+which credentials are whose.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ class ServiceApi:
     # Whether the service streams bytes (exec, attach, port-forward) on a socket of its own.
     serves_streams: bool = False
 
+    @property
+    def callers(self) -> frozenset[str]:
+        """Who may call at least one of its methods; a service nobody calls binds no bus socket."""
+        return frozenset().union(*(info.callers for info in self.methods.values()))
+
 
 def retried(*callers: str) -> MethodInfo:
     """An idempotent method: the frontend retries it, with backoff, until the caller's deadline."""
@@ -66,8 +78,13 @@ def _service(name: str, methods: dict[str, MethodInfo], *, health_callers: tuple
 
 
 def _daemon(name: str, methods: dict[str, MethodInfo], **facts: bool) -> ServiceApi:
-    # `criopy status` asks each service's health itself; the frontend scrapes their metrics.
-    return _service(name, methods, health_callers=(FRONTEND, ROOT), metrics_callers=(FRONTEND,), **facts)
+    # The frontend asks their health (the CRI's Status) and scrapes their metrics.
+    return _service(name, methods, health_callers=(FRONTEND,), metrics_callers=(FRONTEND,), **facts)
+
+
+# Who may subscribe to a daemon's events and open its byte streams.
+SUBSCRIBERS: frozenset[str] = frozenset({FRONTEND})
+STREAM_CALLERS: frozenset[str] = frozenset({FRONTEND})
 
 
 # It reads blobs and writes layers: no network at all.
@@ -87,7 +104,8 @@ STORAGED = _daemon("storaged", network=False, methods={
     "rootfs_usages": retried(FRONTEND),
 })
 
-IMAGED = _daemon("imaged", methods={
+# Its images' changes go to the frontend's read model (shared/bus/feed.py), on its event socket.
+IMAGED = _daemon("imaged", publishes_events=True, methods={
     "pull": retried(FRONTEND),
     "pull_progress": retried(FRONTEND),
     "mark_ready": retried(FRONTEND),
@@ -99,6 +117,7 @@ IMAGED = _daemon("imaged", methods={
     "remove_image": retried(FRONTEND),
     "top_layers": retried(FRONTEND),
     "fs_info": retried(FRONTEND),
+    "snapshot": retried(FRONTEND),
 })
 
 # Port-forward connections stream their bytes on a socket of their own (netd's port_forward.py).
@@ -113,7 +132,8 @@ NETD = _daemon("netd", serves_streams=True, methods={
     "pf_open": once(FRONTEND),
 })
 
-# Container and pod events go to the frontend (GetContainerEvents); see runtimed's event_publisher.py.
+# Container and pod events go to the frontend (GetContainerEvents); see runtimed's event_publisher.py;
+# and so do the changes its read model follows (shared/bus/feed.py, `snapshot`).
 # Exec and attach stream their bytes on a socket of their own (runtimed's exec_session.py).
 RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, methods={
     "runtime_config": retried(FRONTEND),
@@ -146,14 +166,16 @@ RUNTIMED = _daemon("runtimed", publishes_events=True, serves_streams=True, metho
     "checkpoint_container": once(FRONTEND),
     "exec_start": once(FRONTEND),
     "attach_start": once(FRONTEND),
+    "snapshot": retried(FRONTEND),
 })
 
-# The frontend answers only what every service answers, for `criopy status`.
-FRONTEND_API = _service("frontend", {}, health_callers=(ROOT,), metrics_callers=(ROOT,))
+# Nobody calls the frontend over the bus: the supervisor learns its state from
+# the process itself (shared/notify.py, /proc), and it binds no bus socket.
+FRONTEND_API = _service("frontend", {}, health_callers=(), metrics_callers=())
 
-# `criopy run`'s supervisor: the frontend reads restart counts for its metrics.
+# `criopy run`'s supervisor: the `criopy` command's status, reload and restart.
 SUPERVISOR = _service("supervisor", health_callers=(ROOT,), metrics_callers=(ROOT,), methods={
-    "services": retried(ROOT, FRONTEND),
+    "services": retried(ROOT),
     "reload": once(ROOT),
     "restart": once(ROOT),
 })

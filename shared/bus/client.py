@@ -14,6 +14,10 @@ kubelet then sees the same code it would from CRI-O, and from its own timer.
 UNAVAILABLE is the answer only when the client gives up before the deadline:
 a non-idempotent call whose daemon went away after receiving it (its outcome
 is unknown, so it must not be repeated), or a closed client.
+
+`seq` is the furthest state-feed position a reply of the daemon carried
+(shared/bus/feed.py): the frontend's read model answers no read before it has
+got that far, so that a read that follows a write sees it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class BusClient:
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
+        # (epoch, n): the furthest feed position the daemon's replies carried; a new epoch replaces it.
+        self.seq: tuple[str, int] | None = None
         # Tenacity takes over from the second attempt on: its first wait is the call's second.
         self._retry_wait = wait_exponential(multiplier=2 * FIRST_RETRY_WAIT, max=MAX_RETRY_WAIT)
 
@@ -112,6 +118,10 @@ class BusClient:
             except MalformedMessage as e:
                 log.warning("bus_reply_dropped", daemon=self.service, reason=e.message)
                 continue
+            if reply.seq is not None:
+                seen = self.seq
+                if seen is None or seen[0] != reply.seq[0] or seen[1] < reply.seq[1]:
+                    self.seq = reply.seq
             future = self._pending.get(reply.id)
             if future is not None and not future.done():
                 future.set_result(reply)

@@ -4,6 +4,8 @@ A request:  {"v": 1, "id": str, "method": str, "params": map,
              "deadline": unix seconds (float), "traceparent": str | None}
 A reply:    {"v": 1, "id": str, "result": any}   or
             {"v": 1, "id": str, "error": {"code", "message", "retriable"}}
+            and, from a daemon with a state feed, "seq": [epoch, n]: the feed's
+            position once the request was served (shared/bus/feed.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Reply:
     id: str
     result: Any = None
     error: CriopyError | None = None
+    seq: tuple[str, int] | None = None
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": self.id}
@@ -59,6 +62,8 @@ class Reply:
             body["error"] = self.error.to_wire()
         else:
             body["result"] = self.result
+        if self.seq is not None:
+            body["seq"] = self.seq
         return msgpack.packb(body, use_bin_type=True)
 
 
@@ -112,6 +117,15 @@ def decode_reply(frame: bytes) -> Reply:
     body = _unpack(frame)
     if not isinstance(body, dict) or not isinstance(body.get("id"), str):
         raise MalformedMessage("reply without an id")
+    seq = _seq(body.get("seq"))
     if "error" in body:
-        return Reply(id=body["id"], error=from_wire(body["error"]))
-    return Reply(id=body["id"], result=body.get("result"))
+        return Reply(id=body["id"], error=from_wire(body["error"]), seq=seq)
+    return Reply(id=body["id"], result=body.get("result"), seq=seq)
+
+
+def _seq(value: Any) -> tuple[str, int] | None:
+    """A reply's feed position; anything but [str, int] is ignored (it is only ever a hint to wait for)."""
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) \
+            and isinstance(value[1], int) and not isinstance(value[1], bool):
+        return value[0], value[1]
+    return None

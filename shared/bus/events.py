@@ -4,7 +4,9 @@ Events are fire-and-forget facts ("container X exited with 137"): a
 subscriber that is away misses them, which is why runtimed derives events
 again when it reattaches to its containers after a restart, and why the
 kubelet still relists. A slow subscriber cannot slow the publisher: ZeroMQ
-drops messages for a peer whose queue is full.
+drops messages for a peer whose queue is full. Only the frontend may
+subscribe (api.SUBSCRIBERS): anyone else is turned away at the handshake
+(shared/bus/peers.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import zmq
 import zmq.asyncio
 
 from shared.bus import sockets
+from shared.bus.peers import EVENTS_DOMAIN, ZapHandler
+from shared.config import Config
 
 log = structlog.get_logger(__name__)
 
@@ -26,22 +30,28 @@ SPANS_TOPIC = "spans"
 
 
 class EventPublisher:
-    def __init__(self, endpoint: str, context: zmq.asyncio.Context) -> None:
+    def __init__(self, endpoint: str, context: zmq.asyncio.Context, config: Config | None = None) -> None:
         self.endpoint = endpoint
         self._context = context
+        # Whose credentials are the subscribers' (the defaults when none is given).
+        self._config = config or Config()
         self._socket: zmq.asyncio.Socket | None = None
+        self._zap: ZapHandler | None = None
 
     def bind(self) -> None:
-        self._socket = sockets.publisher(self._context, self.endpoint)
+        """Bind the socket; call with the event loop running (it serves the subscribers' checks)."""
+        self._zap = ZapHandler.acquire(self._context, self._config)
+        self._socket = sockets.publisher(self._context, self.endpoint, zap_domain=EVENTS_DOMAIN)
 
     def watch_subscribers(self) -> sockets.Monitor:
-        """Subscribers connecting from now on: `await monitor.next()` returns when one has.
+        """Subscribers admitted from now on: `await monitor.next()` returns when one has.
 
         For a publisher that must not speak before its subscriber is back (a
         PUB socket drops what it sends to nobody); the caller closes it.
         """
         assert self._socket is not None, "bind first"
-        return sockets.Monitor(self._socket, zmq.EVENT_ACCEPTED)
+        # Past the handshake, so past the credentials check: a refused peer is no subscriber.
+        return sockets.Monitor(self._socket, zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Send one event; never blocks (a full queue drops it for that subscriber)."""
@@ -56,11 +66,18 @@ class EventPublisher:
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
+        if self._zap is not None:
+            self._zap.release()
+            self._zap = None
 
 
 class EventSubscriber:
     def __init__(self, endpoint: str, context: zmq.asyncio.Context, topics: tuple[str, ...] = ("",)) -> None:
         self._socket = sockets.subscriber(context, endpoint, topics)
+
+    def watch_connection(self) -> sockets.Monitor:
+        """The socket's connections and disconnections from now on; the caller closes it."""
+        return sockets.Monitor(self._socket, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         while True:

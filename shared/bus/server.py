@@ -6,6 +6,13 @@ envelope, an unknown method, bad params, a wrong protocol version or an
 oversized message gets an error reply when it carries an id, and is logged and
 dropped when it does not. A handler that raises anything but a typed error
 becomes INTERNAL, with the exception logged.
+
+Every request is checked against its method's callers in the API table, with
+the caller named from its connection's credentials (shared/bus/peers.py): a
+caller the table does not list is answered PERMISSION_DENIED, logged and
+counted, and the method never runs. A caller of none of the service's methods
+is refused before its message is even decoded. The reply of a service with a
+state feed carries the feed's position (shared/bus/feed.py).
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from opentelemetry import trace
 from shared import tracing
 from shared.bus import sockets
 from shared.bus.envelope import MalformedMessage, Reply, decode_request, peek_request_id
+from shared.bus.peers import BUS_DOMAIN, Caller, ZapHandler, refused, request_caller
 from shared.bus.service import Service
-from shared.errors import CriopyError, DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unimplemented
+from shared.errors import (CriopyError, DeadlineExceeded, Internal, InvalidArgument, PermissionDenied,
+                           ResourceExhausted, Unimplemented)
 from shared.log import bind_request, debug_enabled
 
 log = structlog.get_logger(__name__)
@@ -52,13 +61,17 @@ class BusServer:
         self.max_message_bytes = max_message_bytes
         self._context = context or zmq.asyncio.Context.instance()
         self._methods = type(service).bus_methods()
+        self._callers = service.api.callers
+        self._zap: ZapHandler | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
 
     async def start(self) -> None:
-        self._socket = sockets.router(self._context, self.endpoint, max_message_bytes=self.max_message_bytes)
+        self._zap = ZapHandler.acquire(self._context, self.service.config)
+        self._socket = sockets.router(self._context, self.endpoint, max_message_bytes=self.max_message_bytes,
+                                      zap_domain=BUS_DOMAIN)
         self._receiver = asyncio.create_task(self._receive_loop(), name=f"bus-server-{self.service.name}")
         log.info("bus_listening", endpoint=self.endpoint, methods=sorted(self._methods))
 
@@ -72,16 +85,19 @@ class BusServer:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        if self._zap is not None:
+            self._zap.release()
+            self._zap = None
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None
         while True:
-            frames = await self._socket.recv_multipart(copy=True)
+            frames = await self._socket.recv_multipart(copy=False)
             if len(frames) != 2:
                 log.warning("bus_frame_dropped", reason=f"expected 2 frames, got {len(frames)}")
                 continue
             await self._slots.acquire()
-            task = asyncio.create_task(self._serve(frames[0], frames[1]))
+            task = asyncio.create_task(self._serve(frames[0].bytes, frames[1].bytes, request_caller(frames[1])))
             self._tasks.add(task)
             task.add_done_callback(self._finished)
 
@@ -98,8 +114,11 @@ class BusServer:
         if self._socket is not None:
             await self._socket.send_multipart([identity, payload])
 
-    async def _serve(self, identity: bytes, payload: bytes) -> None:
+    async def _serve(self, identity: bytes, payload: bytes, caller: Caller) -> None:
         try:
+            if not caller.may(self._callers):
+                await self._refuse(identity, caller, peek_request_id(payload), method=None)
+                return
             if len(payload) > self.max_message_bytes:
                 request_id = peek_request_id(payload)
                 error = ResourceExhausted(
@@ -118,13 +137,27 @@ class BusServer:
                     log.warning("bus_message_rejected", request_id=e.request_id, reason=e.message)
                     await self._send(identity, Reply(e.request_id, error=e))
                 return
+            spec = self._methods.get(request.method)
+            if spec is not None and not caller.may(spec.info.callers):
+                await self._refuse(identity, caller, request.id, method=request.method)
+                return
             reply = await self._dispatch(request.id, request.method, request.params,
                                          request.deadline, request.traceparent)
+            if self.service.feed is not None:
+                # Every change the request made is published by now: the caller learns how far to read.
+                reply.seq = self.service.feed.position()
             await self._send(identity, reply)
         except asyncio.CancelledError:
             raise
         except Exception:  # the daemon must outlive any single message
             log.exception("bus_serve_failed")
+
+    async def _refuse(self, identity: bytes, caller: Caller, request_id: str | None,
+                      method: str | None) -> None:
+        refused("call", caller, service=self.service.name, method=method)
+        if request_id is not None:
+            await self._send(identity, Reply(request_id, error=PermissionDenied(
+                f"{caller.name} ({caller.peer}) may not call {self.service.name}.{method or 'anything'}")))
 
     async def _dispatch(self, request_id: str, method: str, params: dict[str, Any],
                         deadline: float, traceparent: str | None) -> Reply:

@@ -35,6 +35,7 @@ from shared.version import VERSION
 
 if TYPE_CHECKING:
     from shared.bus.events import EventPublisher
+    from shared.bus.feed import StateFeed
     from shared.bus.streams import StreamListener, StreamSession
     from shared.reload import ReloadResult
 
@@ -72,6 +73,9 @@ class Service:
     # Linux capabilities (CAP_* names) the service keeps; every other one is
     # dropped at start. None means "all that this machine grants".
     capabilities: ClassVar[frozenset[str] | None] = frozenset()
+    # Capabilities held only until `bind()` has run, never in the bounding set (the frontend's
+    # CAP_CHOWN, to give the CRI socket its owner before it leaves root).
+    bind_capabilities: ClassVar[frozenset[str]] = frozenset()
     # False: the service runs in a network namespace of its own, with no network.
     network: ClassVar[bool] = True
     # Whether the service publishes events (on config.events_endpoint(name)).
@@ -92,6 +96,9 @@ class Service:
         self.ready = False
         self.publisher: "EventPublisher | None" = None  # set by the daemon runner
         self.streams: "StreamListener | None" = None  # set by the daemon runner when serves_streams
+        # The numbered changes the frontend's read model follows (shared/bus/feed.py), for a
+        # service that has one: its position goes out with every reply.
+        self.feed: "StateFeed | None" = None
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Publish an event to the frontend (dropped when nobody listens)."""
@@ -105,6 +112,9 @@ class Service:
         return {"token": await self.streams.open(session)}
 
     # -- life cycle -------------------------------------------------------
+
+    async def bind(self) -> None:
+        """Open what only root may open, before the service changes user; runs first of all."""
 
     async def start(self) -> None:
         """Reload state and reconcile it with the machine; runs before any request."""

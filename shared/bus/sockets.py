@@ -3,7 +3,10 @@
 Every socket closes without lingering (a daemon that stops must not hang on
 unsent replies). Connecting sockets retry quickly, so a restarted daemon is
 found again within half a second. Binding sockets take over an ipc:// file a
-predecessor left, and only the owner and its group may connect to them.
+predecessor left (never one still served), only the owner and its group may
+connect to them, and every connection to them passes the ZAP handler of
+their context (shared/bus/peers.py), which names the caller: a connection
+that no handler answers is refused.
 """
 
 from __future__ import annotations
@@ -28,10 +31,19 @@ def _socket(context: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
     return sock
 
 
-def _bind(sock: zmq.asyncio.Socket, endpoint: str) -> zmq.asyncio.Socket:
-    ipc.prepare(endpoint)
-    sock.bind(endpoint)
-    ipc.restrict(endpoint)
+def _bind(sock: zmq.asyncio.Socket, endpoint: str, zap_domain: str) -> zmq.asyncio.Socket:
+    sock.setsockopt(zmq.ZAP_DOMAIN, zap_domain.encode())
+    # Without a handler answering, a connection is refused rather than let through.
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    try:
+        ipc.prepare(endpoint)
+        sock.bind(endpoint)
+    except BaseException:
+        sock.close(linger=0)  # an open socket would hold its context's termination forever
+        raise
+    path = ipc.path_of(endpoint)
+    if path is not None:
+        ipc.restrict(path)
     return sock
 
 
@@ -42,13 +54,14 @@ def _connect(sock: zmq.asyncio.Socket, endpoint: str) -> zmq.asyncio.Socket:
     return sock
 
 
-def router(context: zmq.asyncio.Context, endpoint: str, *, max_message_bytes: int) -> zmq.asyncio.Socket:
-    """A daemon's request socket, bound."""
+def router(context: zmq.asyncio.Context, endpoint: str, *, max_message_bytes: int,
+           zap_domain: str) -> zmq.asyncio.Socket:
+    """A daemon's request socket, bound; its callers are checked in `zap_domain`."""
     sock = _socket(context, zmq.ROUTER)
     # Far larger messages are cut off by ZeroMQ itself (it drops the peer);
     # up to this size the server can still read the id and answer with an error.
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * 4)
-    return _bind(sock, endpoint)
+    return _bind(sock, endpoint, zap_domain)
 
 
 def dealer(context: zmq.asyncio.Context) -> zmq.asyncio.Socket:
@@ -64,11 +77,11 @@ def connect(sock: zmq.asyncio.Socket, endpoint: str) -> None:
     _connect(sock, endpoint)
 
 
-def publisher(context: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
-    """A daemon's event socket, bound."""
+def publisher(context: zmq.asyncio.Context, endpoint: str, *, zap_domain: str) -> zmq.asyncio.Socket:
+    """A daemon's event socket, bound; its subscribers are checked in `zap_domain`."""
     sock = _socket(context, zmq.PUB)
     sock.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
-    return _bind(sock, endpoint)
+    return _bind(sock, endpoint, zap_domain)
 
 
 def subscriber(context: zmq.asyncio.Context, endpoint: str, topics: tuple[str, ...]) -> zmq.asyncio.Socket:

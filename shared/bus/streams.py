@@ -3,8 +3,9 @@
 The request/reply bus is for calls; a stream's bytes do not go over it. A
 daemon that serves streams (runtimed for exec and attach, netd for
 port-forward) listens on one unix stream socket of its own,
-`<bus dir>/<service>-streams.sock` (mode 0660 in the bus directory, 0750: only
-the daemon's user and group, the frontend's, may connect). A session is
+`<bus dir>/<service>/streams.sock` (mode 0660 in the daemon's directory, 0750:
+only the daemon's user and group, the frontend, may connect; and the
+connection's SO_PEERCRED must name the frontend, api.STREAM_CALLERS). A session is
 started with an ordinary bus call (`exec_start`, `attach_start`, `pf_open`),
 which does the work that may fail with a typed error (the container is not
 running, the port refuses), registers the session here and answers with a
@@ -13,8 +14,8 @@ token in its first frame; from there on that connection is the session's own:
 
     frontend                          daemon
     connect, OPEN <token>   ------>   accept (StreamListener._accept: the one
-                                      accept point, where peer credentials
-                                      are to be checked)
+                                      accept point, where the peer's
+                                      credentials are checked)
     STDIN / STDIN_END /     ------>   the session's input; RESIZE
     RESIZE                            (width, height) for a terminal
                             <------   STDOUT / STDERR, WINDOW (more STDIN the
@@ -71,7 +72,12 @@ from typing import Any, Protocol
 import msgpack
 import structlog
 
+from shared.bus import ipc
+from shared.bus.api import STREAM_CALLERS
+from shared.bus.peers import refused, stream_caller
+from shared.config import Config
 from shared.errors import ResourceExhausted, Unavailable
+from shared.identities import Callers
 
 log = structlog.get_logger(__name__)
 
@@ -265,10 +271,12 @@ class DaemonStream:
 class StreamListener:
     """A daemon's stream socket: the sessions it started, and the connections that serve them."""
 
-    def __init__(self, service: str, path: str | os.PathLike[str], *, max_streams: int = MAX_STREAMS,
-                 claim_timeout: float = CLAIM_TIMEOUT) -> None:
+    def __init__(self, service: str, path: str | os.PathLike[str], *, config: Config | None = None,
+                 max_streams: int = MAX_STREAMS, claim_timeout: float = CLAIM_TIMEOUT) -> None:
         self.service = service
         self.path = Path(path)
+        # Whose credentials are the frontend's (the defaults when no configuration is given).
+        self._callers = Callers(config or Config())
         self.max_streams = max_streams
         self.claim_timeout = claim_timeout
         self.sessions: dict[str, StreamSession] = {}  # by token: started, claimed or not
@@ -279,10 +287,10 @@ class StreamListener:
         self._closers: set[asyncio.Task[None]] = set()  # abandoned sessions being ended
 
     async def start(self) -> None:
-        self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        self.path.unlink(missing_ok=True)  # left by a predecessor that was killed
+        self.path.parent.mkdir(mode=ipc.DAEMON_DIR_MODE, parents=True, exist_ok=True)
+        ipc.claim(self.path)  # a file left by a predecessor that was killed, never a live socket
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=MAX_FRAME)
-        os.chmod(self.path, 0o660)
+        ipc.restrict(self.path)
         log.info("streams_listening", path=str(self.path))
 
     async def close(self) -> None:
@@ -334,12 +342,18 @@ class StreamListener:
             await session.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Every connection starts here, the one place to check who connected (the socket's mode is
-        the check for now); then read which session it claims, and serve it."""
+        """Every connection starts here, the one place to check who connected; then read which
+        session it claims, and serve it."""
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
+            caller = stream_caller(writer.get_extra_info("socket"), self._callers)
+            if not caller.may(STREAM_CALLERS):
+                refused("stream", caller, service=self.service)
+                writer.write(end_frame(End(error=f"{caller.name} ({caller.peer}) may not open "
+                                                 f"{self.service}'s streams")))
+                return
             try:
                 kind, payload = await asyncio.wait_for(read_frame(reader), OPEN_TIMEOUT)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError, ConnectionError, OSError):

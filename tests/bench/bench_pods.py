@@ -10,6 +10,7 @@ Reports median and p99 of each.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import secrets
@@ -19,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from cri_api.v1 import api_pb2
 
@@ -54,13 +56,23 @@ def timed(fn: Callable[[], None]) -> float:
 
 
 class CrioPods:
+    """Pods of one `sleep` container through the CRI; `calls` collects each CRI call's duration by method."""
+
     def __init__(self, stack: Stack, image: str, cgroup_parent: str) -> None:
         self.stack = stack
         self.image = image
         self.cgroup_parent = cgroup_parent
-        # Each start's RunPodSandbox, and its CreateContainer + StartContainer, in seconds.
+        self.calls: dict[str, list[float]] = defaultdict(list)
+        # Each sequential start's RunPodSandbox, and its CreateContainer + StartContainer, in seconds.
         self.run_times: list[float] = []
         self.create_times: list[float] = []
+
+    def _timed(self, method: str, request: object, timeout: float = 60) -> object:
+        started = time.perf_counter()
+        try:
+            return getattr(self.stack.runtime, method)(request, timeout=timeout)
+        finally:
+            self.calls[method].append(time.perf_counter() - started)
 
     def start(self) -> str:
         name = f"bench-{secrets.token_hex(4)}"
@@ -71,24 +83,20 @@ class CrioPods:
                 # As the kubelet sends it for a pod that does not share its process namespace.
                 security_context=api_pb2.LinuxSandboxSecurityContext(
                     namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NamespaceMode.CONTAINER))))
-        rt = self.stack.runtime
-        started = time.perf_counter()
-        pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=60).pod_sandbox_id
-        ran = time.perf_counter()
+        pod_id = self._timed("RunPodSandbox", api_pb2.RunPodSandboxRequest(config=pod)).pod_sandbox_id
         container = api_pb2.ContainerConfig(
             metadata=api_pb2.ContainerMetadata(name="sleep"), image=api_pb2.ImageSpec(image=self.image),
             command=["sleep", "3600"], log_path="sleep.log")
-        cid = rt.CreateContainer(api_pb2.CreateContainerRequest(
-            pod_sandbox_id=pod_id, config=container, sandbox_config=pod), timeout=60).container_id
-        rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=60)
-        self.run_times.append(ran - started)
-        self.create_times.append(time.perf_counter() - ran)
+        cid = self._timed("CreateContainer", api_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=container, sandbox_config=pod)).container_id
+        self._timed("StartContainer", api_pb2.StartContainerRequest(container_id=cid))
+        self.run_times.append(self.calls["RunPodSandbox"][-1])
+        self.create_times.append(self.calls["CreateContainer"][-1] + self.calls["StartContainer"][-1])
         return pod_id
 
     def stop(self, pod_id: str) -> None:
-        rt = self.stack.runtime
-        rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
-        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+        self._timed("StopPodSandbox", api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        self._timed("RemovePodSandbox", api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
 
 # -- the floor: the same steps without crio-py ---------------------------------
@@ -172,7 +180,10 @@ def measure(name: str, pods: CrioPods | FloorPods) -> list[str]:
     return lines
 
 
-def main() -> None:
+@contextlib.contextmanager
+def bench_stack() -> Iterator[tuple[CrioPods, Path, dict]]:
+    """crio-py with a bridge network of its own and a busybox image pulled; yields its pods, a work
+    directory and the network's configuration list. Everything is removed on the way out."""
     work = Path(tempfile.mkdtemp(prefix="bench-pods-"))
     registry = launch_registry(work / "registry")
     dirs = Dirs(short_tempdir("cpb-")).make()
@@ -190,9 +201,7 @@ def main() -> None:
         image = f"{registry.host}/bench/busybox:latest"
         stack = start_stack(dirs, "--set", f"crio.image.insecure_registries={json.dumps([registry.host])}")
         stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
-        lines = measure("crio-py", CrioPods(stack, image, cgroup_parent))
-        lines += measure("floor (netns+CNI+overlay+runc)", FloorPods(work / "floor", conflist))
-        sys.stdout.write("\n".join(lines) + "\n")
+        yield CrioPods(stack, image, cgroup_parent), work, conflist
     finally:
         if stack is not None:
             stack.stop()
@@ -206,6 +215,12 @@ def main() -> None:
             top.rmdir()
         shutil.rmtree(work, ignore_errors=True)
 
+
+def main() -> None:
+    with bench_stack() as (pods, work, conflist):
+        lines = measure("crio-py", pods)
+        lines += measure("floor (netns+CNI+overlay+runc)", FloorPods(work / "floor", conflist))
+    sys.stdout.write("\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ the daemons' records.
 from __future__ import annotations
 
 import secrets
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,7 @@ from cri_api.v1 import api_pb2
 
 from shared import faults
 from tests.support.pods import bridge_stack, busybox_registry, leftovers, new_leftovers
-from tests.support.stack import Stack
+from tests.support.stack import Stack, short_tempdir
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -81,13 +82,18 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    fault_dir = tmp_path_factory.mktemp("faults")
-    with busybox_registry(tmp_path_factory.mktemp("faults-registry"), "faults/busybox",
-                          cmd=["sh"], env=["PATH=/bin"]) as (registry, image), \
-            bridge_stack("cpf-", CGROUP_PARENT, "--set", "criopy.supervisor.restart_backoff_max=0.5",
-                         registry=registry, env={faults.ENV: str(fault_dir)}) as stack:
-        stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
-        yield World(stack, image, fault_dir)
+    # The frontend runs as criopy-frontend and removes the file of a point it reaches.
+    fault_dir = short_tempdir("faults-")
+    fault_dir.chmod(0o777)
+    try:
+        with busybox_registry(tmp_path_factory.mktemp("faults-registry"), "faults/busybox",
+                              cmd=["sh"], env=["PATH=/bin"]) as (registry, image), \
+                bridge_stack("cpf-", CGROUP_PARENT, "--set", "criopy.supervisor.restart_backoff_max=0.5",
+                             registry=registry, env={faults.ENV: str(fault_dir)}) as stack:
+            stack.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120)
+            yield World(stack, image, fault_dir)
+    finally:
+        shutil.rmtree(fault_dir, ignore_errors=True)
 
 
 class Kubelet:

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
+from tests.e2e.test_restart_drill import _restart
 from tests.support import images
 from tests.support.hostile_registry import HostileRegistry
 from tests.support.registry import PASSWORD, USERNAME, Registry, free_port, launch_registry
@@ -285,11 +286,13 @@ def test_size_is_the_layers_unpacked_not_the_blobs_downloaded(image_stack: Stack
     assert [i.size for i in listed(image_stack, pushed.ref)] == [expected]
     assert expected > 4 * pushed.size
 
-    # An image recorded before sizes were kept gets its size from storaged when first asked, once.
+    # An image recorded before sizes were kept (found by imaged when it starts) gets its size from
+    # storaged when first asked, once.
     db = sqlite3.connect(image_stack.dirs.root / "imaged" / "images.db")
     try:
         with db:
             db.execute("UPDATE images SET meta_size = NULL, unpacked_size = NULL WHERE id = ?", (pushed.image_id,))
+        _restart(image_stack, "imaged")
         legacy = len(image.config_bytes()) + sum(measured[d] for d in pushed.diff_ids)
         assert [i.size for i in listed(image_stack) if i.id == pushed.image_id] == [legacy]
         assert db.execute("SELECT unpacked_size FROM images WHERE id = ?", (pushed.image_id,)).fetchone() == \

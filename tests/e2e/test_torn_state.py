@@ -1,11 +1,14 @@
-"""Torn state at start, the image side: crio-py is stopped, its image records are damaged (cut in half or
-overwritten with garbage, as a power cut or a disk fault leaves them), and it is started again.
+"""Torn state at start: crio-py is stopped, its records are damaged (cut in half, as a power cut leaves
+a file whose pages never reached the disk, or overwritten with garbage, as a disk fault does), and it is
+started again.
 
 Each time it starts, moves the damaged files aside (they are in the quarantine directory, a log line and
-a metric say which), and the kubelet keeps working: a pulled image either still runs containers (its
-layers unpacked again from the blobs, its records made again from their copies) or is reported absent,
-and a pull makes it work again. A container that ran through it all is untouched, and nothing is left
-mounted once its pod is gone.
+a metric say which), and the kubelet keeps working. The image side: a pulled image either still runs
+containers (its layers unpacked again from the blobs, its records made again from their copies) or is
+reported absent, and a pull makes it work again; a container that ran through it all is untouched. The
+pod side: a pod whose records are lost is found again, NOTREADY with its metadata, its container still
+running; once the kubelet has stopped and removed it, nothing of it is left: mounts, network namespaces,
+veths, IP leases, cgroups, conmon, runc containers.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from typing import Iterator
 import pytest
 from cri_api.v1 import api_pb2
 
+from services.runtimed import cgroups
 from services.storaged.digests import chain_ids
 from tests.e2e.test_disk_full import exec_out
 from tests.e2e.test_metrics import free_port, scrape, value
 from tests.e2e.test_pods import CGROUP_PARENT, container_config, create, pod_config, run_pod, wait_state
 from tests.support import images
-from tests.support.pods import bridge_stack, leftover_mounts
+from tests.support.pods import bridge_stack, leftover_mounts, leftovers, new_leftovers
 from tests.support.registry import Registry, start_registry
 from tests.support.stack import Stack
 
@@ -56,7 +60,7 @@ def stack(registry: Registry) -> Iterator[Stack]:
 
 def damage(path: Path, how: str) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if how == "half" else os.urandom(len(data)))
+    path.write_bytes(data[: len(data) // 2] if how == "half" else os.urandom(max(len(data), 16)))
 
 
 def pull(stack: Stack, ref: str) -> str:
@@ -115,7 +119,7 @@ def test_torn_layer_and_rootfs_records(stack: Stack, app: images.Pushed, how: st
     assert [n.split("-")[0] for n in quarantined] == ["layer", "layer", "rootfs"]
     logged = quarantine_logged(stack)
     assert sorted(entry["kind"] for entry in logged) == ["layer", "layer", "rootfs"]
-    assert {entry["path"] for entry in logged} == {str(p) for p in layer_records + rootfs_records}
+    assert {path for entry in logged for path in entry["paths"]} == {str(p) for p in layer_records + rootfs_records}
     samples = scrape(stack.metrics_port)  # type: ignore[attr-defined]
     assert value(samples, "criopy_state_records_quarantined_total", service="storaged", kind="layer") == 2
     assert value(samples, "criopy_state_records_quarantined_total", service="storaged", kind="rootfs") == 1
@@ -143,7 +147,7 @@ def test_damaged_image_database_is_rebuilt_from_the_record_copies(stack: Stack, 
     damage(imaged / "images.db", how)
     stack.restart()
 
-    moved = list((imaged / "quarantine").glob("*-image_database/images.db"))
+    moved = list((imaged / "quarantine").glob("image_database-*/images.db"))
     assert len(moved) == 1
     assert [e["kind"] for e in quarantine_logged(stack)] == ["image_database"]
     samples = scrape(stack.metrics_port)  # type: ignore[attr-defined]
@@ -164,7 +168,7 @@ def test_damaged_image_database_without_copies_starts_empty_and_the_image_is_pul
     shutil.rmtree(imaged / "records")
     stack.restart()
 
-    assert len(list((imaged / "quarantine").glob("*-image_database/images.db"))) == 1
+    assert len(list((imaged / "quarantine").glob("image_database-*/images.db"))) == 1
     # Absent, as the kubelet must see it to pull it again; the blobs nothing needs are gone.
     assert not image_status(stack, app.ref).HasField("image")
     assert list(stack.images.ListImages(api_pb2.ListImagesRequest(), timeout=10).images) == []
@@ -187,3 +191,60 @@ def test_layers_lost_with_their_blobs_make_the_image_absent(stack: Stack, app: i
     assert not image_status(stack, app.ref).HasField("image")
     assert pull(stack, app.ref) == app.image_id
     assert_runs(stack, app.ref, "blobs-lost")
+
+
+def quarantined(directory: Path) -> list[str]:
+    """The kinds of what is in a quarantine directory, one per damaged record."""
+    return sorted(entry.name.split("-")[0] for entry in directory.iterdir()) if directory.is_dir() else []
+
+
+@pytest.mark.parametrize("how", ["half", "garbage"])
+def test_a_pod_whose_records_are_torn_is_found_and_removed_without_leaks(
+        stack: Stack, app: images.Pushed, how: str) -> None:
+    pull(stack, app.ref)
+    # As the kubelet does, the pods' parent cgroup is there before them: the pod's own is runtimed's.
+    for directory in cgroups.controller_dirs(CGROUP_PARENT):
+        os.makedirs(directory, exist_ok=True)
+    before = leftovers(stack, CGROUP_PARENT)
+    pod = pod_config(f"torn-pod-{how}", attempt=1)
+    pod_id = run_pod(stack, pod)
+    cid = run_container(stack, pod_id, pod, "sleeper", app.ref)
+    runtimed, netd = stack.dirs.root / "runtimed", stack.dirs.root / "netd"
+
+    stack.stop()
+    records = sorted(runtimed.glob("records/*/*.json")) + sorted(netd.glob("pods/*.json"))
+    cache = sorted((netd / "cni-cache" / "results").iterdir())
+    assert len(records) == 3 and len(cache) == 1
+    # Cut in half: the records only (the CNI result cache lets DEL run). Garbage: the cache too.
+    damaged = records + (cache if how == "garbage" else [])
+    for path in damaged:
+        damage(path, how)
+    stack.restart()
+
+    # Every damaged file is in quarantine, and the log and the metric say which.
+    assert quarantined(runtimed / "quarantine") == ["container", "sandbox"]
+    assert quarantined(netd / "quarantine") == (["cni_cache", "pod_network"] if how == "garbage" else ["pod_network"])
+    assert {path for entry in quarantine_logged(stack) for path in entry["paths"]} == {str(p) for p in damaged}
+    samples = scrape(stack.metrics_port)  # type: ignore[attr-defined]
+    for service, kind in [("runtimed", "sandbox"), ("runtimed", "container"), ("netd", "pod_network")]:
+        assert value(samples, "criopy_state_records_quarantined_total", service=service, kind=kind) == 1
+
+    # The pod is found again, NOTREADY and known by its metadata; its container was left running.
+    pods = stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+    assert [(p.id, p.state) for p in pods] == [(pod_id, api_pb2.PodSandboxState.SANDBOX_NOTREADY)]
+    assert pods[0].metadata == pod.metadata
+    containers = stack.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers
+    assert [(c.id, c.pod_sandbox_id, c.state) for c in containers] == \
+        [(cid, pod_id, api_pb2.ContainerState.CONTAINER_RUNNING)]
+    assert (containers[0].metadata.name, containers[0].labels["c"], containers[0].image.image) == \
+        ("sleeper", "sleeper", app.ref)
+
+    # As the kubelet does with a NOTREADY pod: stop it, remove it. Nothing of it is left.
+    remove_pod(stack, pod_id)
+    assert stack.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
+    assert new_leftovers(stack, CGROUP_PARENT, before) == {}
+
+    # And the node goes on: the same pod made again is ready.
+    again = run_pod(stack, pod)
+    assert stack.runtime.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=again),
+                                          timeout=10).status.state == api_pb2.PodSandboxState.SANDBOX_READY

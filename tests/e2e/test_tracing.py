@@ -39,9 +39,11 @@ def children(spans: list[ReceivedSpan], parent: ReceivedSpan) -> list[ReceivedSp
 
 
 def test_status_is_one_trace_over_frontend_runtimed_and_netd(traced: Stack, receiver: OtlpReceiver) -> None:
-    traced.runtime.Status(api_pb2.StatusRequest(), timeout=5)
+    # Verbose: it asks the daemons now (a plain Status answers from the read model's health probes).
+    traced.runtime.Status(api_pb2.StatusRequest(verbose=True), timeout=5)
     name = "/runtime.v1.RuntimeService/Status"
-    assert receiver.wait_for(lambda spans: len({s.service for s in receiver.trace_of(name)}) >= 3)
+    assert receiver.wait_for(lambda spans: {"criopy-frontend", "criopy-runtimed", "criopy-netd"}
+                             <= {s.service for s in receiver.trace_of(name)})
     spans = receiver.trace_of(name)
     root = next(s for s in spans if s.name == name)
     assert root.service == "criopy-frontend"

@@ -13,11 +13,11 @@ from cri_api.v1 import api_pb2
 
 from services.frontend import container_events, event_hub
 from services.frontend.event_hub import EventHub
+from services.frontend.subscription import Subscription
 from shared import metrics
 from shared.bus.events import EventPublisher
-from shared.config import Config
 from shared.errors import ResourceExhausted
-from tests.support.stack import short_tempdir
+from tests.support.stack import root_as_frontend, short_tempdir
 
 
 @dataclass
@@ -40,14 +40,16 @@ def _event(n: int, kind: str = "CONTAINER_STARTED_EVENT") -> dict[str, Any]:
 async def hub_and_publisher(monkeypatch):
     monkeypatch.setattr(event_hub, "CLIENT_QUEUE_SIZE", 5)
     base = short_tempdir("ev-")
-    config = Config()
+    config = root_as_frontend()
     config.crio.runroot = str(base)
     config.bus_dir().mkdir(parents=True)
     context = zmq.asyncio.Context()
-    publisher = EventPublisher(config.events_endpoint("runtimed"), context)
+    publisher = EventPublisher(config.events_endpoint("runtimed"), context, config)
     publisher.bind()
-    hub = EventHub(config, context)
-    hub.start()
+    hub = EventHub()
+    subscription = Subscription(config.events_endpoint("runtimed"), context,
+                                {topic: hub.deliver for topic in event_hub.TOPICS})
+    subscription.start()
     try:
         # Wait for the subscription to reach the publisher (a PUB drops what nobody hears yet).
         probe = hub.subscribe()
@@ -57,7 +59,7 @@ async def hub_and_publisher(monkeypatch):
         hub.unsubscribe(probe)
         yield hub, publisher
     finally:
-        await hub.close()
+        await subscription.close()
         publisher.close()
         context.term()
         shutil.rmtree(base, ignore_errors=True)

@@ -34,7 +34,8 @@ async def served(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[FakeDae
     config = Config()
     config.crio.api.listen = str(base / "cri.sock")
     daemons = FakeDaemons()
-    server = await grpc_server.start_server(daemons, config)
+    server = await grpc_server.bind_server(daemons, config)
+    await server.start()
     channel = grpc.aio.insecure_channel(f"unix://{config.crio.api.listen}")
     yield daemons, channel
     await channel.close()

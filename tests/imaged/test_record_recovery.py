@@ -84,7 +84,7 @@ def test_a_damaged_database_is_set_aside_and_made_again_from_the_copies(tmp_path
         assert sorted(again.all(), key=lambda r: r["id"]) == expected
         assert again.by_name(TAG)["id"] == image(2)["id"]
         assert again.get(image(4)["id"]) is None
-        moved = list((tmp_path / "quarantine").glob("*-image_database/images.db"))
+        moved = list((tmp_path / "quarantine").glob("image_database-*/images.db"))
         assert len(moved) == 1 and moved[0].read_bytes() != b""
         assert counted("image_database") == before + 1
         # The new database is healthy and writable.
@@ -126,7 +126,7 @@ def test_copies_follow_the_database_and_a_torn_copy_is_set_aside(tmp_path: Path)
         assert sorted(p.name for p in copies.iterdir()) == [f"{1:064x}.json", f"{2:064x}.json"]
         assert json.loads((copies / f"{1:064x}.json").read_text())["repo_tags"] == [TAG]
         assert counted("image_record") == before + 1
-        assert len(list((tmp_path / "quarantine").glob("*-image_record/*.json"))) == 1
+        assert len(list((tmp_path / "quarantine").glob("image_record-*/*.json"))) == 1
     finally:
         again.close()
 

@@ -147,3 +147,30 @@ def test_declared_capabilities_are_the_bounding_set_of_plugins() -> None:
     # What a plugin exec'd by a restricted netd gets: the bounding set, nothing more.
     assert Netd.capabilities == frozenset({"CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_RAW"})
     assert Netd.capabilities <= privileges.bounding_capabilities() or os.geteuid() != 0
+
+
+@pytest.mark.parametrize("lost", ["record", "record and cache"])
+async def test_a_torn_record_is_set_aside_and_the_network_still_released(net_env: NetEnv, lost: str) -> None:
+    net_env.write_conflist()
+    state = net_env.root / "state" / "netd"
+    netd = net_env.netd()
+    await netd.start()
+    attached = await _attach(netd, "torn")
+    await netd.stop()
+    damaged = [state / "pods" / "torn.json"] + (list((state / "cni-cache" / "results").iterdir())
+                                                if lost == "record and cache" else [])
+    for path in damaged:
+        path.write_bytes(path.read_bytes()[:40])  # cut off, as a power cut leaves it
+
+    netd = net_env.netd()
+    await netd.start()
+    moved = sorted(p.name.split("-")[0] for p in (state / "quarantine").iterdir())
+    assert moved == (["cni_cache", "pod_network"] if lost == "record and cache" else ["pod_network"])
+    # Found again from what is left, the pod keeps its network until it is detached.
+    [found] = await netd.list_pod_networks()
+    assert (found["pod_id"], found["state"], found["netns_path"]) == ("torn", "attached", attached["netns_path"])
+    assert found["ips"] == (attached["ips"] if lost == "record" else [])
+    await netd.detach(pod_id="torn")
+    await netd.stop()
+    inv = net_env.inventory()
+    assert inv["netns"] == [] and inv["mounts"] == [] and inv["veths"] == [] and inv["ipam"] == []

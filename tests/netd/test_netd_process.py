@@ -17,7 +17,7 @@ from cri_api.v1 import api_pb2
 from shared.bus.client import BusClient
 from tests.netd.netd_env import NetEnv
 from tests.netd.netd_helpers import connect, listener
-from tests.support.stack import Dirs, remove_dirs, short_tempdir, start_stack
+from tests.support.stack import Dirs, remove_dirs, root_as_frontend, short_tempdir, start_stack
 
 pytestmark = pytest.mark.root
 
@@ -32,6 +32,7 @@ class NetdProcess:
         # Bus socket paths must stay short: the run dir lives in a short temp dir.
         self.runroot = short_tempdir("cpnetd-")
         net_env.config.crio.runroot = str(self.runroot)
+        root_as_frontend(net_env.config)
         self.config_file = net_env.root / "criopy.conf"
         self.config_file.write_text(net_env.config.to_toml())
         self.log_path = net_env.root / "netd.log"

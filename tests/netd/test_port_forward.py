@@ -15,7 +15,7 @@ import pytest
 from services.netd import port_forward
 from shared.bus.streams import ClientStream, End, StreamListener
 from shared.errors import FailedPrecondition, InvalidArgument
-from tests.support.stack import short_tempdir
+from tests.support.stack import root_as_frontend, short_tempdir
 from tests.support.streams import read_all
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
@@ -60,7 +60,7 @@ def _listening(pid: int) -> bool:
 async def streams() -> AsyncIterator[StreamListener]:
     """netd's stream socket, as the daemon runner gives it."""
     base = short_tempdir("pf-")
-    listener = StreamListener("netd", base / "netd-streams.sock")
+    listener = StreamListener("netd", base / "netd-streams.sock", config=root_as_frontend())
     await listener.start()
     try:
         yield listener

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -71,7 +72,7 @@ def cgroup_parent() -> Any:
         yield parent
     finally:
         _kill_cgroup(parent)
-        cgroups.remove_tree(parent, timeout=2.0)
+        asyncio.run(cgroups.remove_dirs(cgroups.tree_dirs(parent), timeout=2.0))
 
 
 def _kill_cgroup(parent: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 from shared.bus.streams import STDERR, STDOUT, ClientStream, End, StreamListener
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.runtimed.conftest import container_config, new_container, new_pod
+from tests.support.stack import root_as_frontend
 from tests.support.streams import read_all
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
@@ -19,7 +20,8 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 @pytest.fixture
 async def streams(runtimed) -> AsyncIterator[StreamListener]:
     """runtimed's stream socket, as the daemon runner gives it."""
-    listener = StreamListener("runtimed", runtimed.config.stream_socket("runtimed"))
+    listener = StreamListener("runtimed", runtimed.config.stream_socket("runtimed"),
+                              config=root_as_frontend(runtimed.config))
     await listener.start()
     runtimed.streams = listener
     try:

@@ -154,14 +154,41 @@ async def test_restart_finishes_or_undoes_in_flight_creates(lives, cgroup_parent
     assert half not in second.containers
 
 
-async def test_restart_deletes_runc_containers_no_record_knows(lives, cgroup_parent, rootfs):
+async def _container_whose_record_is_gone(lives, cgroup_parent, rootfs, name):
+    """A running container, and runtimed stopped with the container's record deleted: (runtimed, pod, id)."""
     first = await lives.start()
     pod = await new_pod(first, cgroup_parent)
-    cid = await new_container(first, pod, rootfs, container_config("lost", command=["sleep", "600"]))
+    cid = await new_container(first, pod, rootfs, container_config(name, command=["sleep", "600"]))
     await lives.stop()
     os.unlink(os.path.join(first.ctx.state_dir, "records", "containers", f"{cid}.json"))
+    return first, pod, cid
+
+
+async def test_a_container_whose_record_is_gone_is_found_again_and_removed(lives, cgroup_parent, rootfs):
+    _first, pod, cid = await _container_whose_record_is_gone(lives, cgroup_parent, rootfs, "lost")
+    second = await lives.start()
+    # runc's container and its bundle's annotations say what it was; it was left running.
+    [found] = await second.list_containers(filter={"pod_sandbox_id": pod})
+    assert (found["id"], found["state"], found["metadata"]["name"]) == (cid, "CONTAINER_RUNNING", "lost")
+    await second.remove_sandbox(sandbox_id=pod)
+    assert not os.path.exists(os.path.join(second.ctx.state_dir, "runc", cid))
+    assert conmon_pids(second.ctx.state_dir) == []
+
+
+async def test_runc_containers_nothing_says_anything_of_are_deleted(lives, cgroup_parent, rootfs):
+    first, pod, cid = await _container_whose_record_is_gone(lives, cgroup_parent, rootfs, "stray")
+    # Not one of runtimed's: no annotation says it is a container of a pod.
+    spec_path = Path(first.ctx.bundle(cid), "config.json")
+    spec = json.loads(spec_path.read_text())
+    spec["annotations"] = {}
+    spec_path.write_text(json.dumps(spec))
+    state_path = Path(first.ctx.state_dir, "runc", cid, "state.json")
+    state = json.loads(state_path.read_text())
+    state["config"]["labels"] = [label for label in state["config"]["labels"] if label.startswith("bundle=")]
+    state_path.write_text(json.dumps(state))
     second = await lives.start()
     assert not os.path.exists(os.path.join(second.ctx.state_dir, "runc", cid))
+    assert await second.list_containers(filter={"pod_sandbox_id": pod}) == []
 
 
 async def test_a_reserved_container_left_in_runc_is_deleted_and_can_be_created_again(lives, cgroup_parent, rootfs):

@@ -16,10 +16,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from shared import errors, tracing
+from shared import errors, metrics, tracing
+from shared.bus.api import FRONTEND, ROOT, ServiceApi, once, retried
 from shared.bus.client import BusClient
 from shared.bus.envelope import PROTOCOL_VERSION, Request
+from shared.bus.ipc import SocketInUse
 from shared.bus.server import BusServer
+from shared.bus.service import Service, method
 from shared.config import Config, TracingConfig
 from tests.support.echo_daemon import Echo
 from tests.support.stack import REPO, short_tempdir
@@ -221,6 +224,78 @@ async def test_concurrent_calls_are_served_concurrently(server: BusServer, clien
     results = await asyncio.gather(*(client.call("sleep", deadline=soon(), seconds=0.3) for _ in range(20)))
     assert results == [os.getpid()] * 20
     assert time.monotonic() - started < 3
+
+
+# -- callers checked against the table -------------------------------------
+
+
+class Guarded(Service):
+    """`touch` is the frontend's alone; root (this test) may only `peek`."""
+
+    api = ServiceApi("guarded", {"health": retried(FRONTEND), "metrics": retried(FRONTEND),
+                                 "touch": once(FRONTEND), "peek": retried(ROOT)})
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.touched = 0
+
+    @method
+    async def touch(self) -> None:
+        self.touched += 1
+
+    @method
+    async def peek(self) -> int:
+        return self.touched
+
+
+class Closed(Service):
+    """Nothing here is root's."""
+
+    api = ServiceApi("closed", {"health": retried(FRONTEND), "metrics": retried(FRONTEND)})
+
+
+def refusals(caller: str) -> float:
+    return metrics.BUS_REFUSED.labels("call", caller)._value.get()
+
+
+async def test_a_method_refuses_a_caller_it_does_not_list_and_never_runs(endpoint: str) -> None:
+    service = Guarded(Config())
+    server = BusServer(service, endpoint, max_message_bytes=MAX_BYTES)
+    await server.start()
+    client = BusClient("guarded", endpoint, Guarded.api.methods)
+    client.connect()
+    before = refusals("root")
+    try:
+        with pytest.raises(errors.PermissionDenied, match=rf"root \(uid 0 gid 0 pid {os.getpid()}\) may not call "
+                                                          r"guarded.touch"):
+            await client.call("touch", deadline=soon())
+        assert await client.call("peek", deadline=soon()) == 0
+        assert service.touched == 0
+        assert refusals("root") == before + 1
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_a_caller_of_nothing_is_refused_before_its_message_is_read(endpoint: str) -> None:
+    server = BusServer(Closed(Config()), endpoint, max_message_bytes=MAX_BYTES)
+    await server.start()
+    try:
+        reply = await _raw_exchange(endpoint, [msgpack.packb(_request(method="no_such_method"))], expect_reply=True)
+        assert reply is not None and reply["error"]["code"] == "PERMISSION_DENIED"
+        assert "may not call closed.anything" in reply["error"]["message"]
+    finally:
+        await server.close()
+
+
+async def test_a_socket_still_served_is_never_taken_over(server: BusServer, client: BusClient, endpoint: str) -> None:
+    inode = os.stat(endpoint.removeprefix("ipc://")).st_ino
+    second = BusServer(Echo(Config()), endpoint, max_message_bytes=MAX_BYTES)
+    with pytest.raises(SocketInUse, match="served by another process"):
+        await second.start()
+    await second.close()
+    assert os.stat(endpoint.removeprefix("ipc://")).st_ino == inode
+    assert await client.call("echo", deadline=soon(), value="first") == "first"
 
 
 # -- a daemon process killed with SIGKILL mid-call -------------------------

@@ -29,7 +29,11 @@ def test_defaults_without_files(tmp_path: Path) -> None:
     assert config.crio.runroot == "/run/criopy"
     assert config.crio.api.listen == "/run/criopy/criopy.sock"
     assert config.crio.runtime.cgroup_manager == "cgroupfs"
-    assert config.bus_endpoint("netd") == "ipc:///run/criopy/bus/netd.sock"
+    assert config.bus_endpoint("netd") == "ipc:///run/criopy/bus/netd/bus.sock"
+    assert config.stream_socket("runtimed") == Path("/run/criopy/bus/runtimed/streams.sock")
+    assert config.lock_file("frontend") == Path("/run/criopy/criopy.sock.lock")
+    assert config.crio.api.listen_group == "" and config.crio.api.listen_mode == "0660"
+    assert (config.criopy.users.frontend, config.criopy.users.imaged) == ("criopy-frontend", "criopy-imaged")
 
 
 def test_dropins_apply_in_lexical_order_over_the_main_file(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from services.frontend.event_hub import CLIENT_QUEUE_SIZE, EventHub, SlowClient
+from services.frontend.event_hub import CLIENT_QUEUE_SIZE, TOPICS, EventHub, SlowClient
+from services.frontend.subscription import Subscription
 from shared.bus.events import EventPublisher, EventSubscriber
-from shared.config import Config
-from tests.support.stack import short_tempdir
+from tests.support.stack import root_as_frontend, short_tempdir
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ async def wait_until_subscribed(publisher: EventPublisher, queue_or_sub, timeout
 async def test_published_events_arrive_in_order(run_dir: Path) -> None:
     ctx = zmq.asyncio.Context.instance()
     endpoint = f"ipc://{run_dir}/runtimed-events.sock"
-    publisher = EventPublisher(endpoint, ctx)
+    publisher = EventPublisher(endpoint, ctx, root_as_frontend())
     publisher.bind()
     subscriber = EventSubscriber(endpoint, ctx, topics=("container", "probe"))
     events = subscriber.__aiter__()
@@ -93,13 +93,15 @@ async def test_malformed_event_is_skipped(run_dir: Path) -> None:
 
 
 async def test_hub_drops_a_client_that_does_not_keep_up(run_dir: Path) -> None:
-    config = Config()
+    config = root_as_frontend()
     config.criopy.bus.socket_dir = str(run_dir)
     ctx = zmq.asyncio.Context.instance()
-    publisher = EventPublisher(config.events_endpoint("runtimed"), ctx)
+    publisher = EventPublisher(config.events_endpoint("runtimed"), ctx, config)
     publisher.bind()
-    hub = EventHub(config, ctx)
-    hub.start()
+    hub = EventHub()
+    subscription = Subscription(config.events_endpoint("runtimed"), ctx,
+                                {topic: hub.deliver for topic in (*TOPICS, "probe")})
+    subscription.start()
     fast = hub.subscribe()
     slow = hub.subscribe()
 
@@ -118,7 +120,7 @@ async def test_hub_drops_a_client_that_does_not_keep_up(run_dir: Path) -> None:
     assert isinstance(items[-1], SlowClient)
     assert hub.client_count == 1  # the fast one is still subscribed
     drained.cancel()
-    await hub.close()
+    await subscription.close()
     publisher.close()
 
 

@@ -13,7 +13,7 @@ import pytest
 from shared.bus import streams
 from shared.bus.streams import STDERR, STDIN, STDOUT, ClientStream, DaemonStream, End, StreamListener
 from shared.errors import ResourceExhausted, Unavailable
-from tests.support.stack import short_tempdir
+from tests.support.stack import root_as_frontend, short_tempdir
 from tests.support.streams import read_all
 
 pytestmark = pytest.mark.timeout(60)
@@ -74,7 +74,8 @@ class Recorder:
 @pytest.fixture
 async def listener() -> AsyncIterator[StreamListener]:
     base = short_tempdir("streams-")
-    srv = StreamListener("testd", base / "bus" / "testd-streams.sock", max_streams=3, claim_timeout=30)
+    srv = StreamListener("testd", base / "bus" / "testd-streams.sock", config=root_as_frontend(), max_streams=3,
+                         claim_timeout=30)
     await srv.start()
     try:
         yield srv

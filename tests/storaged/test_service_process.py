@@ -17,7 +17,7 @@ from shared.bus.client import BusClient
 from shared.config import Config
 from shared.errors import InvalidArgument
 from tests.storaged import support as T
-from tests.support.stack import REPO, Dirs, remove_dirs, short_tempdir
+from tests.support.stack import REPO, ROOT_AS_FRONTEND, Dirs, remove_dirs, short_tempdir
 
 pytestmark = pytest.mark.root
 
@@ -35,7 +35,8 @@ class Daemon:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", *self.dirs.flags(*self.flags), "service", "storaged"],
+                [sys.executable, "-m", "shared.cli", *self.dirs.flags(*ROOT_AS_FRONTEND, *self.flags),
+                 "service", "storaged"],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self) -> None:

@@ -293,7 +293,8 @@ def _config_yaml(port: int, storage: Path, auth_block: str, tls: tuple[Path, Pat
     )
 
 
-def _wait_ready(reg: Registry, timeout: float = 20.0) -> None:
+def _wait_ready(reg: Registry, timeout: float = 60.0) -> None:
+    """Until the registry answers; long, for a loaded machine: a registry that exits fails at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if reg.process.poll() is not None:

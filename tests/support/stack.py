@@ -1,14 +1,23 @@
-"""Running crio-py for tests: the whole `criopy run` supervisor, or one service, in short temp dirs."""
+"""Running crio-py for tests: the whole `criopy run` supervisor, or one service, in short temp dirs.
+
+A loaded machine (a compiler beside the test suite) makes everything slower,
+and starting a Python process most of all: the fixtures ask for the services'
+status from the test process itself (the code `criopy status` runs, without an
+interpreter to start each time), wait long for readiness, and fail at once only
+on what is really wrong: `criopy run` exiting, or a service restarting again
+and again.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +26,26 @@ from typing import Any
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from shared import cli, config_load
+from shared.config import Config
+
 REPO = Path(__file__).resolve().parents[2]
+# How long crio-py may take to become ready, and a `criopy` command to finish, on a loaded machine.
+READY_TIMEOUT = 120.0
+COMMAND_TIMEOUT = 120.0
+# Restarts of one service during one wait for readiness that make it a crash loop, not a slow start.
+CRASH_LOOP_RESTARTS = 3
+
+# A test that calls a daemon itself, as root, runs it with root counted as the frontend: the
+# setting for running single services by hand (`[criopy.users] frontend = "root"`).
+ROOT_AS_FRONTEND = ("--set", 'criopy.users.frontend="root"')
+
+
+def root_as_frontend(config: Config | None = None) -> Config:
+    """`config` (the defaults when none) with root counted as the frontend, for daemons a test calls itself."""
+    config = config or Config()
+    config.criopy.users.frontend = "root"
+    return config
 
 
 def short_tempdir(prefix: str = "cp-") -> Path:
@@ -62,6 +90,8 @@ class Dirs:
         return self.base / "criopy.conf.d"
 
     def make(self) -> "Dirs":
+        # The frontend and imaged run as users of their own: they must get through the base (mkdtemp's 0700).
+        self.base.chmod(0o755)
         for d in (self.root, self.runroot, self.cni, self.netns, self.logs, self.config_dir):
             d.mkdir(parents=True, exist_ok=True)
         if not self.config_file.exists():
@@ -77,7 +107,8 @@ class Dirs:
         ]
 
 
-def criopy(dirs: Dirs, *args: str, extra_flags: tuple[str, ...] = (), timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def criopy(dirs: Dirs, *args: str, extra_flags: tuple[str, ...] = (),
+           timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "shared.cli", *dirs.flags(*extra_flags), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
@@ -92,6 +123,7 @@ class Stack:
     flags: tuple[str, ...] = ()
     env: dict[str, str] | None = None
     channel: grpc.Channel = field(init=False)
+    _configs: dict[tuple[str, ...], Config] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._connect()
@@ -101,30 +133,45 @@ class Stack:
         self.runtime = api_pb2_grpc.RuntimeServiceStub(self.channel)
         self.images = api_pb2_grpc.ImageServiceStub(self.channel)
 
-    def status(self) -> dict[str, Any]:
-        result = criopy(self.dirs, "status", "--json")
-        return json.loads(result.stdout)
+    def status(self, timeout: float = COMMAND_TIMEOUT) -> dict[str, Any]:
+        """What `criopy status --json` reports, asked from this process."""
+        return status_of(self.config(), timeout)
+
+    def config(self, *extra_flags: str) -> Config:
+        """The configuration `criopy` commands read with this stack's flags (and `extra_flags`)."""
+        if extra_flags not in self._configs:
+            args = cli._parser().parse_args([*self.dirs.flags(*self.flags, *extra_flags), "status"])
+            self._configs[extra_flags] = config_load.load(cli._sources(args))
+        return self._configs[extra_flags]
 
     def pid(self, service: str) -> int:
         pid = self.status()[service].get("pid")
         assert pid, f"{service} is not running: {self.status()[service]}"
         return int(pid)
 
-    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.time() + timeout
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        """Every service up and ready, and the CRI socket answering."""
+        deadline = time.monotonic() + timeout
         last: dict[str, Any] = {}
-        while time.time() < deadline:
+        restarts: dict[str, int] | None = None
+        while True:
             if self.process.poll() is not None:
                 raise AssertionError(f"criopy run exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                last = self.status()
-                if all(s.get("state") == "up" and s.get("ready") for s in last.values()):
-                    self.runtime.Version(api_pb2.VersionRequest(), timeout=2)
+            last = self.status()
+            now = {name: int(s.get("restarts") or 0) for name, s in last.items()}
+            restarts = restarts or now
+            looping = sorted(name for name in now if now[name] - restarts.get(name, 0) >= CRASH_LOOP_RESTARTS)
+            if looping:
+                raise AssertionError(f"{', '.join(looping)} keeps restarting: {last}\n{self.logs()[-4000:]}")
+            if all(s.get("state") == "up" and s.get("ready") for s in last.values()):
+                try:
+                    self.runtime.Version(api_pb2.VersionRequest(), timeout=10)
                     return last
-            except (json.JSONDecodeError, grpc.RpcError):
-                pass
+                except grpc.RpcError:
+                    pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"crio-py did not become ready: {last}\n{self.logs()[-4000:]}")
             time.sleep(0.2)
-        raise AssertionError(f"crio-py did not become ready: {last}\n{self.logs()[-4000:]}")
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -146,6 +193,26 @@ class Stack:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def status_of(config: Config, timeout: float = COMMAND_TIMEOUT) -> dict[str, Any]:
+    """`criopy status`'s report, made by its own code in a thread of this process (whatever loop runs here)."""
+    result: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            result["report"] = asyncio.run(cli._status(config))
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=ask, name="criopy-status", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AssertionError(f"criopy status did not answer within {timeout:g}s")
+    if "error" in result:
+        raise result["error"]
+    return result["report"]
 
 
 def _launch(dirs: Dirs, log_path: Path, flags: tuple[str, ...], env: dict[str, str] | None,
