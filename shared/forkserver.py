@@ -9,13 +9,12 @@ the modules every service imports, kept out of the garbage collector's reach
 and the machine holds them once. The systemd units start each service alone,
 as before.
 
-The supervisor asks for a service with a line of JSON on a socket pair and
-gets its pid back; the server is the services' parent, reaps them and tells
-each exit status. Once every service has started, the supervisor closes the
-server: the pages that every service has since written to would otherwise be
-held by the server too. From then on the services it forked are watched
-through pidfds (their exit status is then unknown), and a service restarted
-later starts as a new interpreter.
+The supervisor asks for a service with a line of JSON on a socket pair (its
+arguments and the environment it adds) and gets its pid back; the server is
+the services' parent, reaps them and tells each exit status. It lives as long
+as the supervisor, so a restarted service is forked too. Should it die, the
+services it forked are watched through pidfds (their exit status is then
+unknown) and the supervisor starts new ones as new interpreters.
 """
 
 from __future__ import annotations
@@ -41,10 +40,11 @@ log = structlog.get_logger(__name__)
 # What more than one service imports; a module only one service uses is better imported by that service
 # alone: the pages it touches would otherwise be copied out of the shared ones, and held twice.
 COMMON_MODULES = (
-    "asyncio", "json", "sqlite3", "msgpack", "structlog", "zmq", "zmq.asyncio", "tenacity",
+    "asyncio", "json", "msgpack", "structlog", "zmq", "zmq.asyncio", "tenacity",
     "prometheus_client", "opentelemetry.trace",
     "shared.cli", "shared.daemon", "shared.bus.client", "shared.bus.streams", "shared.programs",
     "shared.mounts", "shared.mountinfo", "shared.atomic", "shared.keyed_locks",
+    "shared.bus.feed", "shared.quarantine", "shared.short_ids",
 )
 
 _PR_SET_NAME = 15
@@ -116,8 +116,8 @@ class ForkServer:
         # They stay frozen here too: a collection walking them would copy their pages out of the shared ones.
         return cls(pid, ours)
 
-    async def spawn(self, argv: list[str]) -> ForkedProcess:
-        """A service running `criopy` with `argv` (e.g. [..., "service", "netd"])."""
+    async def spawn(self, argv: list[str], env: dict[str, str]) -> ForkedProcess:
+        """A service running `criopy` with `argv` (e.g. [..., "service", "netd"]), `env` added to its environment."""
         if self._lock is None:
             self._lock = asyncio.Lock()
             self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
@@ -128,7 +128,7 @@ class ForkServer:
                 raise ConnectionError("the fork server is gone")
             answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._pending.append(answer)
-            self._writer.write(json.dumps({"argv": argv}).encode() + b"\n")
+            self._writer.write(json.dumps({"argv": argv, "env": env}).encode() + b"\n")
             await self._writer.drain()
             pid = await answer
         process = self._processes.setdefault(pid, ForkedProcess(pid))
@@ -179,10 +179,11 @@ class ForkServer:
 
             loop.add_reader(fd, ended)
         self._processes.clear()
-        _reap(self.pid)
+        # It closed its socket as it exited; it may not have quite ended yet.
+        loop.run_in_executor(None, _reap, self.pid, True)
 
     async def close(self) -> None:
-        """Stop the server: it exits when its end of the socket closes; its services go on."""
+        """Stop the server (once the supervisor stopped the services): it exits when its end of the socket closes."""
         if self._closing:
             return
         self._closing = True
@@ -235,14 +236,18 @@ def _serve(sock: socket.socket) -> int:
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                argv = json.loads(line)["argv"]
+                request = json.loads(line)
                 pid = os.fork()
                 if pid == 0:
                     for fd in (wake_r, wake_w):
                         os.close(fd)
                     selector.close()
                     sock.close()
-                    os._exit(_service(argv))
+                    os._exit(_service(request["argv"], request.get("env", {})))
+                try:
+                    os.setpgid(pid, pid)  # here too: its group is its own before its pid is told
+                except ProcessLookupError:
+                    pass  # it ended already; its exit is told next
                 sock.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         _tell_exits(sock)
 
@@ -258,9 +263,10 @@ def _tell_exits(sock: socket.socket) -> None:
         sock.sendall(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
 
 
-def _service(argv: list[str]) -> int:
+def _service(argv: list[str], env: dict[str, str]) -> int:
     """In the forked child: run `criopy` with `argv` as a new process would, and return its exit status."""
     signal.set_wakeup_fd(-1)
+    os.environ.update(env)
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     os.setpgid(0, 0)

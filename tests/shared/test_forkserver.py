@@ -16,9 +16,12 @@ from shared.forkserver import UNKNOWN_EXIT, ForkServer
 
 
 def fake_main(argv: list[str]) -> int:
-    """What the forked children run instead of `criopy`: ["exit", CODE] or ["sleep"]."""
+    """What the forked children run instead of `criopy`: ["exit", CODE], ["env", NAME] (exits with its value)
+    or ["sleep"]."""
     if argv[0] == "exit":
         return int(argv[1])
+    if argv[0] == "env":
+        return int(os.environ.get(argv[1], "99"))
     time.sleep(600)
     return 0
 
@@ -40,7 +43,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ForkServer]:
 
 
 async def test_services_are_forked_and_their_exit_status_told(server: ForkServer) -> None:
-    ok, failing, sleeping = [await server.spawn(argv) for argv in (["exit", "0"], ["exit", "3"], ["sleep"])]
+    ok, failing, sleeping = [await server.spawn(argv, {}) for argv in (["exit", "0"], ["exit", "3"], ["sleep"])]
     assert len({ok.pid, failing.pid, sleeping.pid, server.pid, os.getpid()}) == 5
     assert await asyncio.wait_for(ok.wait(), 30) == 0
     assert await asyncio.wait_for(failing.wait(), 30) == 3
@@ -53,16 +56,25 @@ async def test_services_are_forked_and_their_exit_status_told(server: ForkServer
 
 
 async def test_once_closed_its_services_go_on_and_are_still_watched(server: ForkServer) -> None:
-    sleeping = await server.spawn(["sleep"])
+    sleeping = await server.spawn(["sleep"], {})
     await server.close()
     assert not server.alive
     with pytest.raises(ChildProcessError):
         os.waitpid(server.pid, os.WNOHANG)  # the server exited and was reaped
     os.kill(sleeping.pid, 0)  # the service it forked still runs
     with pytest.raises(ConnectionError):
-        await server.spawn(["sleep"])
+        await server.spawn(["sleep"], {})
     sleeping.kill()
     assert await asyncio.wait_for(sleeping.wait(), 30) == UNKNOWN_EXIT
+
+
+async def test_a_service_gets_the_environment_it_is_given(server: ForkServer) -> None:
+    given = await server.spawn(["env", "CRIOPY_TEST_CODE"], {"CRIOPY_TEST_CODE": "7"})
+    assert await asyncio.wait_for(given.wait(), 30) == 7
+    # Given to that service alone: the next one forked does not inherit it.
+    other = await server.spawn(["env", "CRIOPY_TEST_CODE"], {})
+    assert await asyncio.wait_for(other.wait(), 30) == 99
+    await server.close()
 
 
 def test_the_preloaded_modules_include_what_every_service_imports() -> None:
