@@ -99,9 +99,11 @@ class ForkServer:
     @classmethod
     def start(cls, preload: Sequence[str] = COMMON_MODULES) -> "ForkServer":
         """Import `preload` and fork the server; call it while this process has a single thread."""
+        # No collection meanwhile: the holes it would leave in pages shared with the services would be
+        # filled by their first allocations, each copying a page (see gc.freeze's documentation).
+        gc.disable()
         for name in preload:
             importlib.import_module(name)
-        gc.collect()
         gc.freeze()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
@@ -114,6 +116,7 @@ class ForkServer:
                 os._exit(code)
         theirs.close()
         # They stay frozen here too: a collection walking them would copy their pages out of the shared ones.
+        gc.enable()
         return cls(pid, ours)
 
     async def spawn(self, argv: list[str], env: dict[str, str]) -> ForkedProcess:
@@ -266,6 +269,7 @@ def _tell_exits(sock: socket.socket) -> None:
 def _service(argv: list[str], env: dict[str, str]) -> int:
     """In the forked child: run `criopy` with `argv` as a new process would, and return its exit status."""
     signal.set_wakeup_fd(-1)
+    gc.enable()  # the server never collects
     os.environ.update(env)
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
