@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import importlib
 import json
@@ -31,9 +30,11 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Any, Sequence
+from typing import Sequence
 
 import structlog
+
+from shared.libc import libc
 
 log = structlog.get_logger(__name__)
 
@@ -297,8 +298,7 @@ def _service(argv: list[str], env: dict[str, str]) -> int:
 def _name(name: bytes) -> None:
     """The process's name as `ps` and `top` show it (its command line stays the supervisor's)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+        libc().prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
     except OSError:
         pass
 

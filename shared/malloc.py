@@ -12,8 +12,7 @@ run`, forked from the fork server, where the environment comes too late).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+from shared.libc import libc
 
 _M_ARENA_MAX = -8  # malloc.h
 ARENAS = 2
@@ -22,7 +21,6 @@ ARENAS = 2
 def limit_arenas(arenas: int = ARENAS) -> bool:
     """Cap the arenas malloc makes from now on (existing ones stay); False where malloc is not glibc's."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+        return bool(libc().mallopt(_M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
