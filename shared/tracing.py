@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkProvider
 
 _propagator = TraceContextTextMapPropagator()
-_random = random.SystemRandom()
 
 
 class _Tracer(trace.Tracer):
@@ -52,9 +51,10 @@ class _Tracer(trace.Tracer):
         if recording is not None:
             return recording.start_span(name, context, kind, *args, **kwargs)
         parent = trace.get_current_span(context).get_span_context()
-        trace_id = parent.trace_id if parent.is_valid else _random.getrandbits(128)
+        trace_id = parent.trace_id if parent.is_valid else random.getrandbits(128) or 1
+        # Ids as the SDK makes them (random's generator, reseeded in a forked process); never 0, the invalid id.
         return trace.NonRecordingSpan(trace.SpanContext(
-            trace_id=trace_id, span_id=_random.getrandbits(64), is_remote=False,
+            trace_id=trace_id, span_id=random.getrandbits(64) or 1, is_remote=False,
             trace_flags=parent.trace_flags if parent.is_valid else trace.TraceFlags(trace.TraceFlags.DEFAULT)))
 
     @contextmanager  # type: ignore[override]
