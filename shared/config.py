@@ -152,6 +152,9 @@ class SupervisorConfig:
     restart_backoff_initial: float = _doc("Seconds before a crashed service is restarted the first time.", default=0.5)
     restart_backoff_max: float = _doc("Longest wait between restarts of a crashing service.", default=30.0)
     stop_timeout: float = _doc("Seconds a service has to stop before it is killed.", default=10.0)
+    fork_services: bool = _doc(
+        "`criopy run` forks the services from a process holding their common modules (shared pages, less memory) "
+        "instead of starting a new interpreter for each.", default=True)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import signal
 import structlog
 import zmq.asyncio
 
-from shared import accounts, faults, identities, instance_lock, layout, metrics, notify, privileges, tracing
+from shared import accounts, faults, identities, instance_lock, layout, malloc, metrics, notify, privileges, tracing
 from shared import log as logs
 from shared.bus.events import SPANS_TOPIC, EventPublisher
 from shared.bus.server import BusServer
@@ -57,6 +57,7 @@ SWITCH_CAPABILITIES = frozenset({"CAP_SETUID", "CAP_SETGID"})
 
 
 def run_service(name: str, config: Config, sources: ConfigSources) -> int:
+    malloc.limit_arenas()  # before any thread starts
     cls = service_class(name)
     # A class that does not implement exactly its row of the API table is refused (ApiMismatch).
     cls.bus_methods()

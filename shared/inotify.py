@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
 from typing import Callable
+
+from shared.libc import libc as c_library
 
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
@@ -25,16 +26,6 @@ IN_CLOEXEC = os.O_CLOEXEC
 
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then `len` bytes of NUL-padded name
 _READ_SIZE = 64 * 1024
-
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc
-
 
 def parse(data: bytes) -> tuple[list[str], bool]:
     """The file names in a buffer of inotify events, and whether the queue overflowed."""
@@ -67,7 +58,7 @@ class DirectoryWatch:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Watch from now on; OSError when the kernel refuses (no inotify, too many watches)."""
-        libc = _lib()
+        libc = c_library()
         fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()

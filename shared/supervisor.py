@@ -1,7 +1,8 @@
 """`criopy run`: start the five services, restart one that exits, stop them all on a signal.
 
 Each service is its own process (`criopy service NAME`) with the same
-configuration sources, started as root: it takes its own identity itself
+configuration sources, forked from the fork server when there is one
+(shared/forkserver.py), else started as a new interpreter; either way as root: it takes its own identity itself
 (shared/daemon.py), as under systemd. Before any starts, the supervisor takes
 its lock (a second `criopy run` refuses to start), checks that no service runs
 already on its own, and finds or creates the system accounts
@@ -38,6 +39,7 @@ from shared.config import Config
 from shared.config_load import ConfigSources
 from shared.daemon import RESTARTS_ENV
 from shared.errors import ConfigError, InvalidArgument
+from shared.forkserver import ForkedProcess, ForkServer
 from shared.reload import reload_into
 from shared.services import START_ORDER
 from shared.version import VERSION
@@ -51,7 +53,7 @@ STABLE_AFTER = 30.0
 @dataclass
 class Child:
     name: str
-    process: asyncio.subprocess.Process | None = None
+    process: asyncio.subprocess.Process | ForkedProcess | None = None
     started_at: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
@@ -114,9 +116,11 @@ class SupervisorApi(Service):
 
 
 class Supervisor:
-    def __init__(self, config: Config, sources: ConfigSources, services: tuple[str, ...] = START_ORDER) -> None:
+    def __init__(self, config: Config, sources: ConfigSources, services: tuple[str, ...] = START_ORDER,
+                 forks: ForkServer | None = None) -> None:
         self.config = config
         self.sources = sources
+        self.forks = forks
         self.children = {name: Child(name) for name in services}
         self._stopping = False
 
@@ -124,11 +128,21 @@ class Supervisor:
         return [sys.executable, "-m", "shared.cli", *self.sources.argv(), "service", name]
 
     async def _spawn(self, child: Child) -> None:
-        env = {**os.environ, notify.ENV: str(self.config.notify_socket()), RESTARTS_ENV: str(child.restarts)}
+        extra = {notify.ENV: str(self.config.notify_socket()), RESTARTS_ENV: str(child.restarts)}
+        child.ready = False
+        if self.forks is not None and self.forks.alive:
+            try:
+                # In a process group of its own too.
+                child.process = await self.forks.spawn([*self.sources.argv(), "service", child.name], extra)
+                child.started_at = time.time()
+                log.info("service_started", child=child.name, pid=child.process.pid, forked=True)
+                return
+            except ConnectionError as e:
+                log.error("service_fork_failed", child=child.name, error=str(e))
         # Its own process group: a Ctrl-C reaches only the supervisor, which
         # then stops the services in order.
-        child.ready = False
-        child.process = await asyncio.create_subprocess_exec(*self._command(child.name), process_group=0, env=env)
+        child.process = await asyncio.create_subprocess_exec(*self._command(child.name), process_group=0,
+                                                             env={**os.environ, **extra})
         child.started_at = time.time()
         log.info("service_started", child=child.name, pid=child.process.pid)
 
@@ -240,6 +254,8 @@ class Supervisor:
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
+            if self.forks is not None:
+                await self.forks.close()
             listener.close()
             await server.close()
             context.term()
@@ -247,7 +263,7 @@ class Supervisor:
         return 0
 
 
-def run_supervisor(config: Config, sources: ConfigSources) -> int:
+def run_supervisor(config: Config, sources: ConfigSources, forks: ForkServer | None = None) -> int:
     """`criopy run`: take the lock, check that no service runs alone, find or create the accounts, supervise."""
     layout.prepare("supervisor", config)
     # Held, through its open descriptor, until the process ends.
@@ -258,4 +274,4 @@ def run_supervisor(config: Config, sources: ConfigSources) -> int:
             raise instance_lock.AlreadyRunning(
                 f"criopy service {name} is already running (pid {pid}); stop it before `criopy run`")
     accounts.ensure(config)
-    return asyncio.run(Supervisor(config, sources).run())
+    return asyncio.run(Supervisor(config, sources, forks=forks).run())

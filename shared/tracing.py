@@ -5,122 +5,92 @@ The frontend opens a span per CRI call; the bus client injects its W3C
 so one CRI call is one trace across processes. Spans always exist (log lines
 carry their trace id), but only record (attributes, events, timings) when
 tracing is enabled, since a recorded span costs several times a bare one on
-every call; they leave the process only when tracing is enabled:
-`console` writes one JSON object per span to stdout, `otlp` sends them to
-a collector over gRPC (needs the `otlp` extra: opentelemetry-exporter-otlp-proto-grpc).
+every call; they leave the process only when tracing is enabled (see
+tracing_sdk.py: `console` or `otlp`). With tracing off, spans are made here,
+with their ids and nothing more, and the OpenTelemetry SDK is not even
+imported: every process would hold it for nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import sys
-from typing import Any, Callable, ContextManager, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor,
-                                            SpanExporter, SpanExportResult)
-from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared.config import TracingConfig
-from shared.errors import ConfigError
-from shared.version import VERSION
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider as SdkProvider
 
 _propagator = TraceContextTextMapPropagator()
-_provider: TracerProvider | None = None
 
 
-def _compact(span: ReadableSpan) -> str:
-    return json.dumps(json.loads(span.to_json()), separators=(",", ":")) + "\n"
+class _Tracer(trace.Tracer):
+    """A tracer that records through the SDK when tracing is on, and makes bare spans otherwise."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._recording: trace.Tracer | None = None
+        self._of: Any = None  # the SDK provider `_recording` comes from
+
+    def _sdk(self) -> trace.Tracer | None:
+        if _sdk_provider is None:
+            return None
+        if self._of is not _sdk_provider:
+            self._recording, self._of = _sdk_provider.get_tracer(self.name), _sdk_provider
+        return self._recording
+
+    def start_span(self, name: str, context: otel_context.Context | None = None,
+                   kind: trace.SpanKind = trace.SpanKind.INTERNAL, *args: Any, **kwargs: Any) -> trace.Span:
+        recording = self._sdk()
+        if recording is not None:
+            return recording.start_span(name, context, kind, *args, **kwargs)
+        parent = trace.get_current_span(context).get_span_context()
+        trace_id = parent.trace_id if parent.is_valid else random.getrandbits(128) or 1
+        # Ids as the SDK makes them (random's generator, reseeded in a forked process); never 0, the invalid id.
+        return trace.NonRecordingSpan(trace.SpanContext(
+            trace_id=trace_id, span_id=random.getrandbits(64) or 1, is_remote=False,
+            trace_flags=parent.trace_flags if parent.is_valid else trace.TraceFlags(trace.TraceFlags.DEFAULT)))
+
+    @contextmanager  # type: ignore[override]
+    def start_as_current_span(self, name: str, context: otel_context.Context | None = None,
+                              kind: trace.SpanKind = trace.SpanKind.INTERNAL, attributes: Any = None,
+                              links: Any = None, start_time: int | None = None, record_exception: bool = True,
+                              set_status_on_exception: bool = True, end_on_exit: bool = True) -> Iterator[trace.Span]:
+        span = self.start_span(name, context, kind, attributes, links, start_time, record_exception,
+                               set_status_on_exception)
+        with trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
+                            set_status_on_exception=set_status_on_exception) as current:
+            yield current
 
 
-class _Switchable(SpanProcessor, Sampler):
-    """The exporter and sampler of the process, replaceable when the configuration is reloaded
-    (OpenTelemetry allows one tracer provider per process)."""
-
-    def __init__(self) -> None:
-        self.processor: SpanProcessor | None = None
-        self.sampler: Sampler = ParentBased(TraceIdRatioBased(1.0))
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        if self.processor is not None:
-            self.processor.on_start(span, parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.processor is not None:
-            self.processor.on_end(span)
-
-    def shutdown(self) -> None:
-        if self.processor is not None:
-            self.processor.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.processor.force_flush(timeout_millis) if self.processor is not None else True
-
-    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
-        if self.processor is None:
-            return _NOT_RECORDED  # nothing would export the span: keep only its ids
-        return self.sampler.should_sample(*args, **kwargs)
-
-    def get_description(self) -> str:
-        return f"criopy({self.sampler.get_description()})"
+class _Provider(trace.TracerProvider):
+    def get_tracer(self, instrumenting_module_name: str, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _Tracer(instrumenting_module_name)
 
 
-_NOT_RECORDED = SamplingResult(Decision.DROP)
-_switch = _Switchable()
-
-
-class _RelayExporter(SpanExporter):
-    """For a service with no network: its spans go to the frontend over the bus, which sends them on."""
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._send: Callable[[bytes], None] | None = None
-
-    def attach(self, loop: asyncio.AbstractEventLoop, send: Callable[[bytes], None]) -> None:
-        self._loop, self._send = loop, send
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._loop is None or self._send is None or self._loop.is_closed():
-            return SpanExportResult.FAILURE
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-        # The export runs in the processor's thread; the bus socket belongs to the event loop.
-        self._loop.call_soon_threadsafe(self._send, encode_spans(spans).SerializeToString())
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        self._send = None
-
-
-_relay = _RelayExporter()
+_provider: _Provider | None = None
+# The SDK's provider, once tracing was enabled in this process (kept when it is turned off again:
+# its exporter is then none, and spans only carry ids).
+_sdk_provider: SdkProvider | None = None
 _relayed = False  # this process has no network: OTLP spans go through the frontend
+_relay_target: tuple[asyncio.AbstractEventLoop, Callable[[bytes], None]] | None = None
 
 
 def attach_relay(loop: asyncio.AbstractEventLoop, send: Callable[[bytes], None]) -> None:
     """Where a process without network hands its encoded spans (OTLP ExportTraceServiceRequest bytes)."""
-    _relay.attach(loop, send)
+    global _relay_target
+    _relay_target = (loop, send)
+    if _sdk_provider is not None:
+        from shared import tracing_sdk
 
+        tracing_sdk.relay.attach(loop, send)
 
-def _processor(settings: TracingConfig) -> SpanProcessor | None:
-    if not settings.enable_tracing:
-        return None
-    if settings.tracing_exporter == "console":
-        return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout, formatter=_compact))
-    if _relayed:
-        return BatchSpanProcessor(_relay)
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    except ImportError:
-        raise ConfigError(
-            "crio.tracing: the otlp exporter needs the package "
-            "opentelemetry-exporter-otlp-proto-grpc (pip install 'crio-py[otlp]')") from None
-    return BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.tracing_endpoint, insecure=True))
 
 
 def configure(service: str, settings: TracingConfig, *, relayed: bool | None = None) -> None:
@@ -128,21 +98,18 @@ def configure(service: str, settings: TracingConfig, *, relayed: bool | None = N
 
     `relayed`: the process has no network, so OTLP spans are relayed by the frontend.
     """
-    global _provider, _relayed
+    global _provider, _sdk_provider, _relayed
     if relayed is not None:
         _relayed = relayed
-    rate = max(0, min(settings.tracing_sampling_rate_per_million, 1_000_000)) / 1_000_000
-    old = _switch.processor
-    _switch.processor = _processor(settings)
-    _switch.sampler = ParentBased(TraceIdRatioBased(rate))
-    if old is not None:
-        old.shutdown()
     if _provider is None:
-        _provider = TracerProvider(
-            resource=Resource.create({"service.name": f"criopy-{service}", "service.version": VERSION}),
-            sampler=_switch)
-        _provider.add_span_processor(_switch)
+        _provider = _Provider()
         trace.set_tracer_provider(_provider)
+    if settings.enable_tracing or _sdk_provider is not None:
+        from shared import tracing_sdk
+
+        _sdk_provider = tracing_sdk.provider(service, settings, relayed=_relayed, current=_sdk_provider)
+        if _relay_target is not None:
+            tracing_sdk.relay.attach(*_relay_target)
 
 
 _tracers: dict[str, trace.Tracer] = {}
@@ -179,5 +146,5 @@ def context_from_traceparent(traceparent: str | None) -> Any:
 
 
 def shutdown() -> None:
-    if _provider is not None:
-        _provider.shutdown()
+    if _sdk_provider is not None:
+        _sdk_provider.shutdown()

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import structlog
 
 from services.imaged import reference as refs
 from services.imaged.blobstore import BlobStore, disk_usage
-from services.imaged.puller import Puller
 from services.imaged.records import ImageRecords
 from services.imaged.registries_conf import RegistriesConfFile
 from services.imaged.state_feed import ImageFeed
@@ -23,6 +20,11 @@ from shared.bus.feed import StateFeed
 from shared.bus.service import Service, method
 from shared.config import Config
 from shared.errors import CriopyError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+if TYPE_CHECKING:
+    import httpx
+
+    from services.imaged.puller import Puller
 
 log = structlog.get_logger(__name__)
 
@@ -83,8 +85,11 @@ class Imaged(Service):
         self.registries = RegistriesConfFile(config.crio.image.registries_conf,
                                              config.crio.image.insecure_registries)
         self.records: ImageRecords | None = None
+        # The registry side (httpx, the system's CAs) is made at the first pull: an imaged that only
+        # answers for the images it has never holds it.
         self.http: httpx.AsyncClient | None = None
         self.puller: Puller | None = None
+        self._puller_made = asyncio.Lock()
         # Blobs no record needs are swept only while no pull runs: a pull may
         # be relying on a blob it found present but has not recorded yet.
         self._gc_lock = asyncio.Lock()
@@ -103,14 +108,6 @@ class Imaged(Service):
 
         self.records = await asyncio.to_thread(prepare)
         self.registries.get()  # a broken registries.conf stops start-up with its message
-        # System CAs (not a bundled list), as the host's other tools use. No
-        # proxy or .netrc from the environment: settings come from the config.
-        tls = ssl.create_default_context()
-        self.http = httpx.AsyncClient(
-            verify=tls, trust_env=False, follow_redirects=True, headers={"User-Agent": "crio-py"},
-            timeout=httpx.Timeout(60.0, connect=15.0),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
-        self.puller = Puller(self.config, self.http, self.store, self.records, self.registries)
         images = await asyncio.to_thread(self._reconcile_sync)
         # Blobs a killed pull stored, or images lost with a damaged database, left: no record needs them.
         self._gc_pending = True
@@ -120,6 +117,29 @@ class Imaged(Service):
         log.info("imaged_started", state_dir=str(self.state_dir), images=len(images),
                  not_ready=sum(1 for i in images if not i["ready"]))
         self.ready = True
+
+    async def _the_puller(self) -> "Puller":
+        async with self._puller_made:
+            if self.puller is None:
+                # In a thread: the imports and reading the CAs take a while.
+                self.http, self.puller = await asyncio.to_thread(self._make_puller)
+            return self.puller
+
+    def _make_puller(self) -> "tuple[httpx.AsyncClient, Puller]":
+        import ssl
+
+        import httpx
+
+        from services.imaged.puller import Puller
+
+        assert self.records is not None
+        # System CAs (not a bundled list), as the host's other tools use. No
+        # proxy or .netrc from the environment: settings come from the config.
+        http = httpx.AsyncClient(
+            verify=ssl.create_default_context(), trust_env=False, follow_redirects=True,
+            headers={"User-Agent": "crio-py"}, timeout=httpx.Timeout(60.0, connect=15.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+        return http, Puller(self.config, http, self.store, self.records, self.registries)
 
     def _reconcile_sync(self) -> list[dict[str, Any]]:
         """Hide images whose blobs went missing from the store, so that the next pull fetches them."""
@@ -190,13 +210,13 @@ class Imaged(Service):
     @method
     async def pull(self, reference: str, auth: dict | None = None) -> dict:
         """Fetch and verify an image into the store; its record is not listed until mark_ready."""
-        assert self.puller is not None
+        puller = await self._the_puller()
         async with self._gc_lock:
             self._active_pulls += 1
         started = time.monotonic()
         outcome = "success"
         try:
-            return await self.puller.pull(reference, auth)
+            return await puller.pull(reference, auth)
         except CriopyError as e:
             outcome = e.code.lower()
             if isinstance(e, ResourceExhausted):
@@ -235,8 +255,8 @@ class Imaged(Service):
     async def pull_progress(self, reference: str, auth: dict | None = None, fetched: int = 0) -> dict | None:
         """Of the pull of `reference` that runs now, its layers once more than `fetched` of them are
         stored ({"layers", "fetched": indexes}); None when no such pull runs or it will tell no more."""
-        assert self.puller is not None
-        return await self.puller.progress(reference, auth, fetched)
+        puller = await self._the_puller()  # asked while the pull it follows may still be making it
+        return await puller.progress(reference, auth, fetched)
 
     @method
     async def mark_ready(self, image_id: str) -> dict:

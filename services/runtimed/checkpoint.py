@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import stat
-import tarfile
 import time
 from typing import Any
 
@@ -139,6 +138,8 @@ def _write_archive(rec: dict[str, Any], work: str, images: str, upper_dir: str |
         json.dump(deleted, f)
     tmp = f"{location}.{secrets.token_hex(4)}.tmp"
     try:
+        import tarfile  # checkpoints are rare: not imported at start
+
         with tarfile.open(tmp, "w") as tar:
             tar.add(images, arcname="checkpoint")
             for name in ("config.dump", "spec.dump", "rootfs-diff.tar", "deleted.files", "dump.log"):
@@ -155,6 +156,8 @@ def _write_archive(rec: dict[str, Any], work: str, images: str, upper_dir: str |
 
 def _write_rootfs_diff(upper_dir: str, target: str) -> list[str]:
     """Tar the writable layer's files; return the paths it deleted (overlay whiteouts)."""
+    import tarfile
+
     deleted: list[str] = []
     with tarfile.open(target, "w") as tar:
         for root, dirs, files in os.walk(upper_dir):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import sys
 import zlib
 from typing import BinaryIO
-
-import zstandard
 
 from shared.errors import InvalidArgument
 
@@ -17,6 +16,12 @@ PLAIN = "tar"
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged stream raises while it is read; zstandard's only once zstandard was needed."""
+    zstd = sys.modules.get("zstandard")
+    return (OSError, EOFError, zlib.error) + ((zstd.ZstdError,) if zstd is not None else ())
 
 
 def compression_of(media_type: str) -> str:
@@ -52,7 +57,7 @@ class HashingReader:
     def read(self, n: int = -1) -> bytes:
         try:
             data = self._raw.read(n)
-        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+        except _read_errors() as e:
             raise InvalidArgument(
                 f"layer blob is not a valid {self._compression} stream "
                 f"(after {self.size} uncompressed bytes): {e}") from e
@@ -74,6 +79,8 @@ def uncompressed(blob: BinaryIO, compression: str) -> BinaryIO:
     if compression == GZIP:
         return gzip.GzipFile(fileobj=blob, mode="rb")  # type: ignore[return-value]
     if compression == ZSTD:
+        import zstandard  # only once a zstd layer comes: most images have none
+
         reader = zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True)
         return reader  # type: ignore[return-value]
     return blob

@@ -188,3 +188,42 @@ def test_services_without_network_have_their_own_empty_network_namespace(stack: 
             assert netns != host_netns, name
             links = open(f"/proc/{status[name]['pid']}/net/dev").read().splitlines()[2:]
             assert [line.split(":")[0].strip() for line in links] == ["lo"], name
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _name(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def test_services_are_forked_from_the_fork_server_restarts_too(stack: Stack) -> None:
+    pids = {name: stack.pid(name) for name in START_ORDER}
+    servers = {_parent(pid) for pid in pids.values()}
+    assert len(servers) == 1
+    server = servers.pop()
+    assert _name(server) == "criopy-forks" and _parent(server) == stack.process.pid
+    assert {name: _name(pid) for name, pid in pids.items()} == {name: f"criopy-{name}" for name in START_ORDER}
+    os.kill(pids["netd"], signal.SIGKILL)
+    assert wait_for(lambda: stack.status()["netd"].get("pid") not in (None, pids["netd"]))
+    status = stack.status()["netd"]
+    assert _parent(status["pid"]) == server
+    assert status["last_exit"] == -signal.SIGKILL  # the server tells the supervisor each exit status
+
+
+def test_without_the_fork_server_each_service_is_a_new_interpreter(dirs) -> None:  # type: ignore[no-untyped-def]
+    from tests.support.stack import start_stack
+
+    s = start_stack(dirs, "--set", "criopy.supervisor.fork_services=false")
+    try:
+        for name in START_ORDER:
+            pid = s.pid(name)
+            assert _parent(pid) == s.process.pid, name
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert f.read().split(b"\0")[-3:] == [b"service", name.encode(), b""], name
+        assert conditions(s)["RuntimeReady"].status is True
+    finally:
+        assert s.stop() == 0

@@ -217,6 +217,19 @@ async def test_missing_image_is_not_found_naming_image_and_registry(make_imaged,
     assert "test/busybox:no-such-tag" in e.value.message and registry.host in e.value.message
 
 
+async def test_the_registry_client_is_made_at_the_first_pull(make_imaged, registry, catalog):
+    imaged = await make_imaged(registry.host)
+    # An imaged that only answers for the images it has holds no HTTP client nor CA store.
+    assert await imaged.list_images() == []
+    assert await imaged.image_status(reference=catalog.busybox.ref) is None
+    assert imaged.http is None and imaged.puller is None
+    await pull_ready(imaged, catalog.busybox.ref)
+    client = imaged.http
+    assert client is not None
+    await imaged.pull(reference=catalog.busybox.ref)
+    assert imaged.http is client
+
+
 async def test_concurrent_pulls_of_one_image_fetch_once(make_imaged, hostile):
     image = images.Image([images.busybox_layer(), images.platform_layer("x")])
     pushed = hostile.serve_image("dedupe/img", "latest", image)

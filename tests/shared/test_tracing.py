@@ -99,3 +99,23 @@ def test_a_remote_parent_continues_its_trace_whether_recorded_or_not() -> None:
                 "served", context=tracing.context_from_traceparent(parent)) as span:
             assert format(span.get_span_context().trace_id, "032x") == "ab" * 16
             assert span.is_recording() is settings.enable_tracing
+
+
+def test_the_sdk_is_loaded_only_once_tracing_is_enabled() -> None:
+    import subprocess
+    import sys
+
+    from tests.support.stack import REPO
+
+    script = (
+        "import sys\n"
+        "from shared import daemon, tracing\n"
+        "from shared.config import TracingConfig\n"
+        "tracing.configure('test', TracingConfig())\n"
+        "with tracing.tracer('t').start_as_current_span('s'):\n"
+        "    assert tracing.current_traceparent()\n"
+        "print(any(m.startswith('opentelemetry.sdk') for m in sys.modules))\n"
+        "tracing.configure('test', TracingConfig(enable_tracing=True, tracing_exporter='console'))\n"
+        "print(any(m.startswith('opentelemetry.sdk') for m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "True"], result.stderr
