@@ -16,9 +16,10 @@ other thread existed, and no_new_privs keeps any exec from raising them again.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Iterable
+
+from shared.libc import libc
 
 CAPABILITY_NAMES: tuple[str, ...] = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
@@ -48,7 +49,7 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = libc()
 
 
 def last_cap() -> int:

@@ -20,6 +20,7 @@ import structlog
 from services.runtimed import cgroups, runc
 from shared.config import RuntimeConfig, RuntimeHandler
 from shared.errors import CriopyError
+from shared.libc import libc
 
 log = structlog.get_logger(__name__)
 
@@ -55,8 +56,7 @@ def _major_minor(text: str) -> tuple[int, int] | None:
 
 def _mount_setattr_errno() -> int:
     """The error of a mount_setattr call with arguments it must refuse: ENOSYS when it does not exist."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(-1), ctypes.c_char_p(b""),
+    result = libc().syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(-1), ctypes.c_char_p(b""),
                           ctypes.c_uint(0), ctypes.c_void_p(None), ctypes.c_size_t(0))
     return ctypes.get_errno() if result == -1 else 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 from typing import Any
 
@@ -77,10 +78,15 @@ def _rootfs(ctx: Context) -> str:
         source = ctx.rc.infra_command
         if not os.path.isfile(source):
             raise FailedPrecondition(f"the infra command {source} does not exist")
-        tmp = binary + ".tmp"
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, binary)
+        # Pods started together may all make it: each copies to a name of its own, the last rename wins.
+        tmp = f"{binary}.{secrets.token_hex(4)}.tmp"
+        try:
+            shutil.copyfile(source, tmp)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, binary)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return root
 
 

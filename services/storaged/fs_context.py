@@ -14,7 +14,9 @@ import errno
 import os
 import platform
 
-_libc = ctypes.CDLL(None, use_errno=True)
+from shared.libc import libc
+
+_libc = libc()
 
 # x86_64 and aarch64 share these numbers (the generic syscall table has them too).
 _SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432

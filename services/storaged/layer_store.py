@@ -27,8 +27,6 @@ Every function here blocks; the service runs them in threads.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import secrets
 import shutil
@@ -45,6 +43,7 @@ from services.storaged.tar_extract import extract_tar
 from services.storaged.usage import measure
 from shared import atomic, quarantine
 from shared.errors import InvalidArgument, NotFound, is_no_space, out_of_space
+from shared.libc import libc
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +51,7 @@ RECORD = "layer.json"
 DIFF = "diff"
 _LINK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _LINK_LENGTH = 10
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = libc()
 
 
 @dataclass(frozen=True)

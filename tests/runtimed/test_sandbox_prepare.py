@@ -113,3 +113,14 @@ async def test_a_failed_creation_undoes_the_preparation(runtimed, cgroup_parent,
     await runtimed.prepare_sandbox(sandbox_id=pod)
     await runtimed.create_sandbox(sandbox_id=pod, netns_path=netns, ips=[])
     assert (await runtimed.sandbox_status(sandbox_id=pod))["status"]["state"] == "SANDBOX_READY"
+
+
+async def test_pods_started_together_all_get_the_infra_root_file_system(runtimed: Runtimed):
+    """The first pods after a start race to copy catatonit into the infra root: none of them fails."""
+    import asyncio
+
+    from services.runtimed import infra
+    roots = await asyncio.gather(*(asyncio.to_thread(infra._rootfs, runtimed.ctx) for _ in range(16)))
+    assert set(roots) == {os.path.join(runtimed.ctx.state_dir, "infra-rootfs")}
+    assert sorted(os.listdir(roots[0])) == ["catatonit", "dev", "proc", "sys"]
+    assert os.access(os.path.join(roots[0], "catatonit"), os.X_OK)
