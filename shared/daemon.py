@@ -23,6 +23,7 @@ and removed so that no program the service runs inherits them: NOTIFY_SOCKET
 from __future__ import annotations
 
 import asyncio
+import gc
 import concurrent.futures
 import os
 import signal
@@ -188,6 +189,9 @@ async def _serve(service: Service, config: Config, sources: ConfigSources, *,
         if server is not None:
             await server.start()
         service.ready = True
+        # Start-up's garbage (configuration, imports' leftovers) goes, and the heap gives back what it held.
+        gc.collect()
+        malloc.trim()
         log.info("service_ready")
         notify.notify(notify_target, READY="1", **{notify.LOG_LEVEL: _log_level(service)})
         await stop.wait()

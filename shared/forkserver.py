@@ -34,6 +34,7 @@ from typing import Sequence
 
 import structlog
 
+from shared import malloc
 from shared.libc import libc
 
 log = structlog.get_logger(__name__)
@@ -216,6 +217,7 @@ def _serve(sock: socket.socket) -> int:
     """Fork a service for each request; tell each pid, and each exit status, in order."""
     os.setpgid(0, 0)  # a Ctrl-C at the supervisor's terminal is the supervisor's to handle
     _name(b"criopy-forks")
+    malloc.trim()  # what the imports freed: the services need not inherit it
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)

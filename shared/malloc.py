@@ -24,3 +24,11 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
         return bool(libc().mallopt(_M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
+
+
+def trim() -> None:
+    """Give the heap's free pages back to the system (after start-up, whose garbage is gone by then)."""
+    try:
+        libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

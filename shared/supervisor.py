@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 import zmq.asyncio
 
-from shared import accounts, identities, instance_lock, layout, notify
+from shared import accounts, identities, instance_lock, layout, malloc, notify
 from shared.bus.api import SUPERVISOR
 from shared.bus.server import BusServer
 from shared.bus.service import Service, method
@@ -244,6 +244,7 @@ class Supervisor:
                 await self._spawn(child)
                 watchers.append(asyncio.create_task(self._watch(child)))
             log.info("criopy_running", socket=self.config.crio.api.listen)
+            malloc.trim()
             await stop.wait()
         finally:
             self._stopping = True
