@@ -140,11 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_service(args.name, config, sources)
         if args.command == "run":
-            from shared import log, malloc, tracing
+            from shared import limits, log, malloc, tracing
             from shared.forkserver import ForkServer
             from shared.supervisor import run_supervisor
 
             malloc.limit_arenas()
+            limits.raise_open_files()  # the services, conmon and the containers inherit it
             # Before anything is set up here (logs, lock, threads), so that the services forked from it start clean.
             forks = ForkServer.start() if config.criopy.supervisor.fork_services else None
             log.configure("supervisor", config.crio.runtime.log_level, config.criopy.log.log_format)

@@ -259,3 +259,11 @@ def test_compose_shares_the_bus_and_isolates_storaged() -> None:
     assert services["storaged"]["network_mode"] == "none"
     assert services["netd"]["network_mode"] == "host"
     assert services["runtimed"]["pid"] == "host"
+
+
+@pytest.mark.parametrize("name", ["runtimed", "frontend", "netd"])
+def test_units_give_the_open_files_limit_crio_gives(name: str) -> None:
+    """Containers inherit runtimed's limits through conmon; the frontend and netd hold a connection per stream."""
+    from shared.limits import OPEN_FILES
+    assert unit(name).get("LimitNOFILE") == str(OPEN_FILES)
+    assert compose()["services"][name]["ulimits"]["nofile"] == {"soft": OPEN_FILES, "hard": OPEN_FILES}
