@@ -145,10 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from shared.supervisor import run_supervisor
 
             malloc.limit_arenas()
-            limits.raise_open_files()  # the services, conmon and the containers inherit it
+            open_files = limits.raise_open_files()  # the services, conmon and the containers inherit it
             # Before anything is set up here (logs, lock, threads), so that the services forked from it start clean.
             forks = ForkServer.start() if config.criopy.supervisor.fork_services else None
             log.configure("supervisor", config.crio.runtime.log_level, config.criopy.log.log_format)
+            log.get_logger("criopy").info("open_files_limit", soft=open_files[0], hard=open_files[1])
             tracing.configure("supervisor", config.crio.tracing)
             return run_supervisor(config, sources, forks)
         if args.command in ("status", "restart", "reload"):

@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import resource
 
-import structlog
-
-log = structlog.get_logger(__name__)
-
 OPEN_FILES = 1048576
 
 
 def raise_open_files(wanted: int = OPEN_FILES) -> tuple[int, int]:
-    """Raise RLIMIT_NOFILE as far as allowed, towards `wanted`; the limits now in force (soft, hard)."""
+    """Raise RLIMIT_NOFILE as far as allowed, towards `wanted`; the limits now in force (soft, hard).
+
+    Called before logging is set up (what the services inherit must be in place before the fork
+    server starts): the caller logs the result."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), wanted))
             return resource.getrlimit(resource.RLIMIT_NOFILE)
-        except (ValueError, OSError) as e:
-            log.info("open_files_hard_limit_kept", hard=hard, wanted=wanted, reason=str(e))
+        except (ValueError, OSError):
+            pass  # kept: the soft limit meets it below
     target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
