@@ -6,8 +6,10 @@ A torn or garbage record (a power cut, a disk fault) says nothing that can be
 trusted, but it is kept for whoever looks into what happened; a
 `state_record_quarantined` log line and the
 `criopy_state_records_quarantined_total{kind}` counter say which. The service
-then starts without it and rebuilds what the machine still shows. Blocks:
-async callers run it in a thread, or at start before serving.
+then starts without it and rebuilds what the machine still shows. A state
+directory keeps the KEEP newest entries: a disk that keeps tearing records
+does not fill the disk with them. Blocks: async callers run it in a thread, or
+at start before serving.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from shared import metrics
 log = structlog.get_logger(__name__)
 
 DIR = "quarantine"
+KEEP = 64
 
 
 def set_aside(state_dir: str | os.PathLike[str], files: list[str | os.PathLike[str]], *, kind: str, name: str,
@@ -51,7 +54,19 @@ def set_aside(state_dir: str | os.PathLike[str], files: list[str | os.PathLike[s
     log.warning("state_record_quarantined", kind=kind, name=name, paths=[str(p) for p in files],
                 moved_to=str(directory) if moved else None, error=error)
     metrics.STATE_RECORDS_QUARANTINED.labels(kind).inc()
+    _prune(Path(state_dir) / DIR)
     return directory if moved else None
+
+
+def _prune(quarantine: Path, keep: int = KEEP) -> None:
+    """Delete all but the `keep` newest entries."""
+    try:
+        entries = sorted(quarantine.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    except OSError:
+        return
+    for old in entries[:-keep] if len(entries) > keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("quarantine_pruned", path=str(old))
 
 
 def _plain(name: str) -> str:
