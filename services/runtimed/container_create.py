@@ -163,15 +163,7 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
 
 async def release(ctx: Context, container_id: str) -> dict[str, Any]:
     """Undo a reservation whose CreateContainer failed; a created container is left alone."""
-    records = ctx.records
-    rec = records.containers.get(container_id)
-    if rec is None:
-        return {}
-    async with records.lock(container_id):
-        if rec["state"] in ("reserved", "creating"):
-            await undo(ctx, rec)
-            await records.forget(CONTAINERS, rec)
-    await records.notify()
+    await ctx.records.release(CONTAINERS, container_id, lambda rec: undo(ctx, rec))
     return {}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, AsyncContextManager, Callable
+from typing import Any, AsyncContextManager, Awaitable, Callable
 
 from services.runtimed.store import Store
 from shared.errors import NotFound
@@ -112,6 +112,18 @@ class Records:
         if names.get(rec["name"]) == rec["id"]:
             del names[rec["name"]]
         self.touched(kind, rec)
+
+    async def release(self, kind: str, record_id: str, undo: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
+        """Undo a reservation whose creation failed (`undo`, then the record and its name go);
+        a finished pod or container is left alone."""
+        rec = self.table(kind).get(record_id)
+        if rec is None:
+            return
+        async with self.lock(record_id):
+            if rec["state"] in ("reserved", "creating"):
+                await undo(rec)
+                await self.forget(kind, rec)
+        await self.notify()
 
     # -- lookups ----------------------------------------------------------------
 

@@ -84,15 +84,7 @@ async def create(ctx: Context, sandbox_id: str, netns_path: str | None, ips: lis
 
 async def release(ctx: Context, sandbox_id: str) -> dict[str, Any]:
     """Undo a reservation whose RunPodSandbox failed; a finished pod is left alone."""
-    records = ctx.records
-    rec = records.sandboxes.get(sandbox_id)
-    if rec is None:
-        return {}
-    async with records.lock(sandbox_id):
-        if rec["state"] in ("reserved", "creating"):
-            await teardown(ctx, rec, remove=True)
-            await records.forget(SANDBOXES, rec)
-    await records.notify()
+    await ctx.records.release(SANDBOXES, sandbox_id, lambda rec: teardown(ctx, rec, remove=True))
     return {}
 
 
