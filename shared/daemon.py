@@ -23,8 +23,8 @@ and removed so that no program the service runs inherits them: NOTIFY_SOCKET
 from __future__ import annotations
 
 import asyncio
-import gc
 import concurrent.futures
+import gc
 import os
 import signal
 
@@ -184,14 +184,15 @@ async def _serve(service: Service, config: Config, sources: ConfigSources, *,
     try:
         # State is reloaded and reconciled before the first request is read.
         await service.start()
+        # Start-up's garbage (configuration, imports' leftovers) goes, and the heap gives back what it
+        # held: before the first request, which would otherwise wait for it.
+        gc.collect()
+        malloc.trim()
         if service.streams is not None:
             await service.streams.start()
         if server is not None:
             await server.start()
         service.ready = True
-        # Start-up's garbage (configuration, imports' leftovers) goes, and the heap gives back what it held.
-        gc.collect()
-        malloc.trim()
         log.info("service_ready")
         notify.notify(notify_target, READY="1", **{notify.LOG_LEVEL: _log_level(service)})
         await stop.wait()
