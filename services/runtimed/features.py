@@ -8,7 +8,6 @@ or probe the kernel themselves.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
 import re
@@ -20,7 +19,7 @@ import structlog
 from services.runtimed import cgroups, runc
 from shared.config import RuntimeConfig, RuntimeHandler
 from shared.errors import CriopyError
-from shared.libc import libc
+from shared.libc import syscall
 
 log = structlog.get_logger(__name__)
 
@@ -56,9 +55,11 @@ def _major_minor(text: str) -> tuple[int, int] | None:
 
 def _mount_setattr_errno() -> int:
     """The error of a mount_setattr call with arguments it must refuse: ENOSYS when it does not exist."""
-    result = libc().syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(-1), ctypes.c_char_p(b""),
-                          ctypes.c_uint(0), ctypes.c_void_p(None), ctypes.c_size_t(0))
-    return ctypes.get_errno() if result == -1 else 0
+    try:
+        syscall(_SYS_MOUNT_SETATTR, -1, b"", 0, None, 0)
+    except OSError as e:
+        return e.errno or 0
+    return 0
 
 
 def mount_setattr(release: str) -> tuple[bool, str]:

@@ -9,14 +9,11 @@ so and overlay.py mounts with util-linux's `mount` instead.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import platform
 
-from shared.libc import libc
-
-_libc = libc()
+from shared.libc import syscall
 
 # x86_64 and aarch64 share these numbers (the generic syscall table has them too).
 _SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
@@ -32,15 +29,6 @@ _supported: bool | None = None
 
 class MountFailed(OSError):
     """The kernel refused the mount; the message is the file system's own, from the context's log."""
-
-
-def _syscall(number: int, *args: object) -> int:
-    # syscall(2) is variadic: every integer goes as a full register, as the kernel reads it.
-    result = _libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
-    if result < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return result
 
 
 def _kernel_log(fd: int) -> str:
@@ -59,7 +47,7 @@ def _kernel_log(fd: int) -> str:
 
 def _set(fd: int, key: str, value: str) -> None:
     try:
-        _syscall(_SYS_FSCONFIG, fd, _FSCONFIG_SET_STRING, key.encode(), value.encode(), 0)
+        syscall(_SYS_FSCONFIG, fd, _FSCONFIG_SET_STRING, key.encode(), value.encode(), 0)
     except OSError as e:
         raise MountFailed(e.errno, f"{key}={value}: {_kernel_log(fd) or e.strerror}") from None
 
@@ -74,11 +62,11 @@ def supported() -> bool:
 
 def _probe() -> bool:
     try:
-        fd = _syscall(_SYS_FSOPEN, b"overlay", _FSOPEN_CLOEXEC)
+        fd = syscall(_SYS_FSOPEN, b"overlay", _FSOPEN_CLOEXEC)
     except OSError:
         return False
     try:
-        _syscall(_SYS_FSCONFIG, fd, _FSCONFIG_SET_STRING, b"lowerdir+", b"/", 0)
+        syscall(_SYS_FSCONFIG, fd, _FSCONFIG_SET_STRING, b"lowerdir+", b"/", 0)
         return True
     except OSError as e:
         return e.errno not in (errno.EINVAL, errno.EOPNOTSUPP)
@@ -88,7 +76,7 @@ def _probe() -> bool:
 
 def mount_overlay(target: str, lowers: list[str], upper: str, work: str, options: dict[str, str]) -> None:
     """Mount an overlay on `target`: `lowers` top first, every path absolute. Blocking: call in a thread."""
-    fd = _syscall(_SYS_FSOPEN, b"overlay", _FSOPEN_CLOEXEC)
+    fd = syscall(_SYS_FSOPEN, b"overlay", _FSOPEN_CLOEXEC)
     try:
         _set(fd, "source", "overlay")  # as `mount -t overlay overlay` names it
         for lower in lowers:
@@ -98,12 +86,12 @@ def mount_overlay(target: str, lowers: list[str], upper: str, work: str, options
         for key, value in options.items():
             _set(fd, key, value)
         try:
-            _syscall(_SYS_FSCONFIG, fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+            syscall(_SYS_FSCONFIG, fd, _FSCONFIG_CMD_CREATE, None, None, 0)
         except OSError as e:
             raise MountFailed(e.errno, _kernel_log(fd) or e.strerror) from None
-        mount_fd = _syscall(_SYS_FSMOUNT, fd, _FSMOUNT_CLOEXEC, 0)
+        mount_fd = syscall(_SYS_FSMOUNT, fd, _FSMOUNT_CLOEXEC, 0)
         try:
-            _syscall(_SYS_MOVE_MOUNT, mount_fd, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH)
+            syscall(_SYS_MOVE_MOUNT, mount_fd, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH)
         finally:
             os.close(mount_fd)
     finally:
