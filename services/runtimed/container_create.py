@@ -155,7 +155,7 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
                    created_at=time.time_ns())
         # Told as the record changes (see exits.mark_exited), before an await lets an exit in.
         ctx.events.emit("container", "created", rec["id"], rec["sandbox_id"])
-        await records.save_container(rec)
+        await records.save_container(rec, durable=False)
     await records.notify()
     log.info("container_created", container_id=rec["id"], name=rec["name"])
     return {"id": rec["id"]}

@@ -59,7 +59,9 @@ class Context:
     def runc_for(self, handler_name: str) -> Runc:
         handler = self.handler(handler_name)
         root = handler.runtime_root or os.path.join(self.state_dir, "runc")
-        return Runc(path=handler.runtime_path, root=root, systemd_cgroup=self.systemd)
+        found = self.features.handler(handler_name)
+        return Runc(path=handler.runtime_path, root=root, systemd_cgroup=self.systemd,
+                    exec_fifo_start=found is not None and found.starts_through_exec_fifo)
 
     def runc(self, rec: dict) -> Runc:
         """The runc of a pod's or container's runtime handler."""

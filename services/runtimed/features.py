@@ -46,6 +46,12 @@ class HandlerFeatures:
     runtime_version: str
     recursive_read_only_mounts: bool
     reason: str  # why recursive read-only mounts are, or are not, available
+    program: str = ""  # the runtime's name from its --version ("runc")
+
+    @property
+    def starts_through_exec_fifo(self) -> bool:
+        """Whether runtimed may start its created containers itself (services/runtimed/exec_fifo.py)."""
+        return self.program == "runc"
 
 
 def _major_minor(text: str) -> tuple[int, int] | None:
@@ -93,7 +99,7 @@ async def detect_handler(name: str, handler: RuntimeHandler, host: HostFeatures)
         return HandlerFeatures(name, path, "", False, f"cannot learn the version of {path}: {e.message}")
 
     def result(supported: bool, reason: str) -> HandlerFeatures:
-        return HandlerFeatures(name, path, version, supported, reason)
+        return HandlerFeatures(name, path, version, supported, reason, program)
 
     if program != "runc":
         return result(False, f"{path} is {program}, not runc")

@@ -111,8 +111,8 @@ async def start(ctx: Context, rec: dict[str, Any]) -> None:
         log_level=ctx.rc.log_level, systemd_cgroup=ctx.systemd), timeout=handler.container_create_timeout)
     rec["infra"].update(pid=started.container_pid, pid_start=process.process_start_time(started.container_pid),
                         conmon_pid=started.conmon_pid, conmon_start=process.process_start_time(started.conmon_pid))
-    await ctx.records.save_sandbox(rec)
-    await runc.start(rec["id"])
+    await ctx.records.save_sandbox(rec, durable=False)
+    await runc.start(rec["id"], init_pid=rec["infra"]["pid"], init_start=rec["infra"]["pid_start"])
 
 
 async def stop(ctx: Context, rec: dict[str, Any], *, delete: bool) -> None:

@@ -81,21 +81,24 @@ class Records:
 
     # -- persistence ------------------------------------------------------------
 
-    async def save(self, kind: str, rec: dict[str, Any]) -> None:
+    async def save(self, kind: str, rec: dict[str, Any], *, durable: bool = True) -> None:
+        """Write the record (atomically, always). `durable=False` skips the fsyncs: for a state written
+        after the step it records, which a machine crash loses along with the step itself (the pod's
+        processes and runc's state in /run); what comes before a step must survive, to undo it."""
         assert self._store is not None
         self.touched(kind, rec)
-        await self._store.save(kind, rec)
+        await self._store.save(kind, rec, durable=durable)
 
     def touched(self, kind: str, rec: dict[str, Any]) -> None:
         """Tell `on_change` of a change (saves do; a fact kept only in memory, such as a dead infra process, too)."""
         if self.on_change is not None:
             self.on_change(kind, rec)
 
-    async def save_sandbox(self, rec: dict[str, Any]) -> None:
-        await self.save(SANDBOXES, rec)
+    async def save_sandbox(self, rec: dict[str, Any], *, durable: bool = True) -> None:
+        await self.save(SANDBOXES, rec, durable=durable)
 
-    async def save_container(self, rec: dict[str, Any]) -> None:
-        await self.save(CONTAINERS, rec)
+    async def save_container(self, rec: dict[str, Any], *, durable: bool = True) -> None:
+        await self.save(CONTAINERS, rec, durable=durable)
 
     async def back_to_reserved(self, kind: str, rec: dict[str, Any]) -> None:
         """A creation was undone: the name stays held, and whoever waits for it may retry."""

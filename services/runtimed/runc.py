@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 
+from services.runtimed import exec_fifo
 from shared import programs, tracing
 from shared.errors import Internal, NotFound
 
@@ -25,6 +26,7 @@ class Runc:
     path: str
     root: str
     systemd_cgroup: bool = False
+    exec_fifo_start: bool = False  # the runtime is runc: `start` may open its exec fifo itself
 
     def _base(self) -> list[str]:
         args = [self.path, "--root", self.root]
@@ -55,7 +57,13 @@ class Runc:
                      timeout: float = DEFAULT_TIMEOUT) -> None:
         await self._run(["create", "--bundle", bundle, "--pid-file", pid_file, container_id], timeout=timeout)
 
-    async def start(self, container_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    async def start(self, container_id: str, *, init_pid: int = 0, init_start: int | None = None,
+                    timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Start a created container; `init_pid` (its init, waiting to exec) lets runc's own protocol be used
+        without a `runc start` process."""
+        if self.exec_fifo_start and init_pid > 0 and await exec_fifo.start(
+                self.root, container_id, init_pid, init_start, timeout=timeout):
+            return
         await self._run(["start", container_id], timeout=timeout)
 
     async def state(self, container_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any] | None:

@@ -36,11 +36,12 @@ class Store:
     def _path(self, kind: str, object_id: str) -> str:
         return os.path.join(self.directory, kind, object_id + ".json")
 
-    async def save(self, kind: str, record: dict[str, Any]) -> None:
+    async def save(self, kind: str, record: dict[str, Any], *, durable: bool = True) -> None:
+        """Replace the record's file; `durable`: on disk when this returns (see Records.save)."""
         data = json.dumps(record, sort_keys=True).encode()
         # Saves of one record land in the order they were asked for.
         async with self._locks.hold(f"{kind}/{record['id']}"):
-            await asyncio.to_thread(atomic.write_bytes, self._path(kind, record["id"]), data)
+            await asyncio.to_thread(atomic.write_bytes, self._path(kind, record["id"]), data, durable=durable)
 
     async def delete(self, kind: str, object_id: str) -> None:
         def remove() -> None:
