@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,10 @@ SLEEP = str(50000 + secrets.randbelow(10000))  # what a hanging wrapper sleeps: 
 
 # runc's subcommand is its first argument that is one; `hang-<subcommand>` makes it hang,
 # before doing anything, or `hang-after-<subcommand>` once the real runc has done its work.
+# It names itself otherwise than runc, so that runtimed runs `runc start` through it rather
+# than opening runc's exec fifo itself (services/runtimed/exec_fifo.py).
 RUNC_WRAPPER = """#!/bin/sh
+if [ "$1" = --version ]; then /usr/bin/runc --version | sed '1s/^runc /runc-wrapper /'; exit 0; fi
 for arg in "$@"; do
   case "$arg" in create|start|kill|delete|exec|state) sub=$arg; break;; esac
 done
@@ -178,6 +183,30 @@ def test_a_runc_create_that_never_answers(world: World, hang) -> None:  # type: 
     (world.wrappers / "hang-after-create").unlink()
     cid = rt.CreateContainer(request, timeout=30).container_id
     rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
+    remove_pod(stack, pod_id)
+    assert new_leftovers(stack, CGROUP_PARENT, before, timeout=15) == {}
+
+
+def test_a_start_whose_init_never_takes_its_go(world: World) -> None:
+    """With runc itself, runtimed opens the exec fifo: an init that never opens its end (stopped here)
+    makes the start fail at its deadline, and the wait ends with the call."""
+    stack, rt = world.stack, world.stack.runtime
+    before = leftovers(stack, CGROUP_PARENT)
+    pod = pod_config("stopped-init")
+    pod_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod), timeout=30).pod_sandbox_id
+    config = api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name="c"),
+                                     image=api_pb2.ImageSpec(image=world.image), command=["sleep", "600"])
+    cid = rt.CreateContainer(api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod),
+                             timeout=30).container_id
+    state = subprocess.run(["runc", "--root", str(stack.dirs.root / "runtimed" / "runc"), "state", cid],
+                           capture_output=True, check=True)
+    os.kill(json.loads(state.stdout)["pid"], signal.SIGSTOP)
+    error, took = timed(lambda t: rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=t), 5)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and took < 5 + 1
+    # runtimed gave up with the call: the removal does not wait for the start's own time limit.
+    started = time.monotonic()
+    rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=10)
+    assert time.monotonic() - started < 10
     remove_pod(stack, pod_id)
     assert new_leftovers(stack, CGROUP_PARENT, before, timeout=15) == {}
 

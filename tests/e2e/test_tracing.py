@@ -149,5 +149,6 @@ def test_run_pod_and_create_container_are_traces_with_cni_conmon_and_runc(pod_wo
 
     stack.runtime.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=30)
     spans = one_trace(receiver, "/runtime.v1.RuntimeService/StartContainer", {"criopy-frontend", "criopy-runtimed"},
-                      frozenset({"runc start"}))
-    assert named(spans, "runc start")[0].service == "criopy-runtimed"
+                      frozenset({"exec fifo start"}))
+    [started] = named(spans, "exec fifo start")
+    assert started.service == "criopy-runtimed" and started.attributes["criopy.container_id"] == cid
