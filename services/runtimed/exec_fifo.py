@@ -20,7 +20,7 @@ import os
 import stat
 import time
 
-from services.runtimed import process
+from services.runtimed import paths, process
 from shared import tracing
 from shared.errors import DeadlineExceeded, FailedPrecondition
 
@@ -33,13 +33,10 @@ async def start(runc_root: str, container_id: str, init_pid: int, init_start: in
                 timeout: float) -> bool:
     """Let the created container's init exec its process; False when runc should be asked instead."""
     path = os.path.join(runc_root, container_id, FIFO_NAME)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    fd = paths.open_for_reading(path, stat.S_ISFIFO)
+    if fd is None:
         return False
     try:
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            return False
         with tracing.tracer(__name__).start_as_current_span(
                 "exec fifo start", attributes={"criopy.container_id": container_id}):
             await _wait_readable(fd, init_pid, init_start, timeout)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
+from typing import Callable
 
 from shared.errors import InvalidArgument
 
@@ -86,17 +88,25 @@ def resolve_in_root(root: str, path: str) -> str:
     return os.path.join(root, *current)
 
 
-def read_file_in_root(root: str, path: str, limit: int = 4 * 1024 * 1024) -> str | None:
-    """The text of a file of the rootfs, or None if it does not exist there."""
-    host = resolve_in_root(root, path)
+def open_for_reading(path: str, is_kind: Callable[[int], bool]) -> int | None:
+    """A descriptor reading `path` (opened without following a final link, and without blocking),
+    or None when it cannot be opened or `is_kind(st_mode)` (stat.S_ISREG...) refuses it."""
     try:
-        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
+    if not is_kind(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_file_in_root(root: str, path: str, limit: int = 4 * 1024 * 1024) -> str | None:
+    """The text of a file of the rootfs, or None if it does not exist there."""
+    fd = open_for_reading(resolve_in_root(root, path), stat.S_ISREG)
+    if fd is None:
+        return None
     try:
-        import stat
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(limit).decode(errors="replace")
     finally:
