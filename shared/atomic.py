@@ -17,6 +17,16 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def sync(path: str | os.PathLike[str]) -> None:
+    """Make a file written without `durable` (see write_bytes), and its name, survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(os.fspath(path)) or ".")
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
     """Replace `path` with `data` through a temporary file in the same directory and a rename.
 

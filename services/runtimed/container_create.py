@@ -128,7 +128,10 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
         conmon_cgroup = _conmon_cgroup_path(ctx, rec, sb)
         if conmon_cgroup and ctx.rc.conmon_cgroup == "pod":
             rec["conmon_cgroup_dirs"] = cgroups.missing(conmon_cgroup)
-        await records.save_container(rec)
+        # Written before conmon runs, so that a runtimed killed meanwhile finds what to undo; put on disk
+        # while conmon works, for a machine that goes down, and before the call answers.
+        await records.save_container(rec, durable=False)
+        synced = asyncio.create_task(records.sync(CONTAINERS, rec["id"]))
         try:
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             procs = []
@@ -146,6 +149,7 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
             started = await conmon.start(conmon_spec, cgroup_procs=procs, timeout=handler.container_create_timeout)
             faults.point("runtimed.create_container.after_conmon")
         except BaseException:
+            await asyncio.gather(synced, return_exceptions=True)
             await undo(ctx, rec)
             await records.back_to_reserved(CONTAINERS, rec)
             raise
@@ -156,6 +160,7 @@ async def create(ctx: Context, container_id: str, rootfs: str, image: dict | Non
         # Told as the record changes (see exits.mark_exited), before an await lets an exit in.
         ctx.events.emit("container", "created", rec["id"], rec["sandbox_id"])
         await records.save_container(rec, durable=False)
+        await synced
     await records.notify()
     log.info("container_created", container_id=rec["id"], name=rec["name"])
     return {"id": rec["id"]}

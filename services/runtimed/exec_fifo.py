@@ -40,6 +40,9 @@ async def start(runc_root: str, container_id: str, init_pid: int, init_start: in
         with tracing.tracer(__name__).start_as_current_span(
                 "exec fifo start", attributes={"criopy.container_id": container_id}):
             await _wait_readable(fd, init_pid, init_start, timeout)
+            # Gone first: once init has written its byte it goes on whether or not it is read, and runc
+            # tells created from running by this file alone.
+            os.unlink(path)
             try:
                 byte = os.read(fd, 1)
             except BlockingIOError:
@@ -47,7 +50,6 @@ async def start(runc_root: str, container_id: str, init_pid: int, init_start: in
             if not byte:
                 # Init opened and closed the fifo without its byte: it is gone, or some other reader took it.
                 raise FailedPrecondition(f"container {container_id} cannot start: its process is not waiting")
-            os.unlink(path)
         return True
     finally:
         os.close(fd)

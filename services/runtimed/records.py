@@ -94,6 +94,12 @@ class Records:
         if self.on_change is not None:
             self.on_change(kind, rec)
 
+    async def sync(self, kind: str, object_id: str) -> None:
+        """On disk, a record saved with `durable=False`: started beside the step it guards, so that
+        its wait overlaps the step's, and awaited before the call answers."""
+        assert self._store is not None
+        await self._store.sync(kind, object_id)
+
     async def save_sandbox(self, rec: dict[str, Any], *, durable: bool = True) -> None:
         await self.save(SANDBOXES, rec, durable=durable)
 

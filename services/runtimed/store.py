@@ -43,6 +43,11 @@ class Store:
         async with self._locks.hold(f"{kind}/{record['id']}"):
             await asyncio.to_thread(atomic.write_bytes, self._path(kind, record["id"]), data, durable=durable)
 
+    async def sync(self, kind: str, object_id: str) -> None:
+        """Put on disk a record saved without `durable`, and its latest save if another followed."""
+        async with self._locks.hold(f"{kind}/{object_id}"):
+            await asyncio.to_thread(atomic.sync, self._path(kind, object_id))
+
     async def delete(self, kind: str, object_id: str) -> None:
         def remove() -> None:
             try:
