@@ -69,6 +69,9 @@ class RuntimeConfig:
         default_factory=lambda: list(DEFAULT_CAPABILITIES))
     default_sysctls: list[str] = _doc("Sysctls (key=value) applied to every pod.", default_factory=list)
     default_env: list[str] = _doc("Environment (KEY=value) added to every container.", default_factory=list)
+    default_ulimits: list[str] = _doc(
+        "Resource limits every container gets, as CRI-O writes them: '<name>=<soft>:<hard>' (nofile=1024:2048).",
+        default_factory=list)
     seccomp_profile: str = _doc("Path of the RuntimeDefault seccomp profile; empty: the built-in one.", default="")
     apparmor_profile: str = _doc("AppArmor profile for RuntimeDefault.", default="crio-default")
     allowed_devices: list[str] = _doc("Devices a pod may ask for by annotation.", default_factory=lambda: ["/dev/fuse"])

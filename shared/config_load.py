@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import tomli_w
 
 from shared.config import Config
+from shared import ulimits
 from shared.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "/etc/criopy/criopy.conf"
@@ -134,6 +135,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"crio.runtime.cgroup_manager: must be 'cgroupfs' or 'systemd', not {rt.cgroup_manager!r}")
     if rt.default_runtime not in rt.runtimes:
         raise ConfigError(f"crio.runtime.default_runtime: {rt.default_runtime!r} is not in crio.runtime.runtimes")
+    for entry in rt.default_ulimits:
+        try:
+            ulimits.parse(entry)
+        except ValueError as e:
+            raise ConfigError(f"crio.runtime.default_ulimits: {e}") from None
     if rt.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"crio.runtime.log_level: unknown level {rt.log_level!r}")
     from shared.services import SERVICE_CLASSES

@@ -34,6 +34,7 @@ RELOADABLE: tuple[str, ...] = (
     "crio.runtime.default_capabilities",
     "crio.runtime.default_sysctls",
     "crio.runtime.default_env",
+    "crio.runtime.default_ulimits",
     "crio.runtime.seccomp_profile",
     "crio.runtime.allowed_devices",
     "crio.runtime.runtimes",

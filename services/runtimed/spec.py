@@ -16,6 +16,7 @@ from services.runtimed import cgroups, users
 from services.runtimed.paths import clean_absolute, resolve_in_root
 from services.runtimed.spec_mounts import check_recursive_read_only, devices, host_devices, user_mounts
 from services.runtimed.spec_resources import linux_resources
+from services.runtimed.spec_rlimits import process_rlimits
 from services.runtimed.spec_security import (apparmor_enabled, apparmor_profile, capabilities, runtime_capabilities,
                                              seccomp_profile, unique_paths)
 from services.runtimed.spec_values import i64, ns_mode, wrapped_int
@@ -178,6 +179,8 @@ def build(*, container_id: str, config: dict[str, Any], image: dict[str, Any], r
     }
     if oom is not None:
         proc["oomScoreAdj"] = oom
+    if rc.default_ulimits:
+        proc["rlimits"] = process_rlimits(rc.default_ulimits, available)
 
     # Namespaces.
     ns_opts = sc.get("namespace_options") or {}

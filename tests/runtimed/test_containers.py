@@ -231,3 +231,20 @@ async def test_devices(runtimed, cgroup_parent, rootfs):
         "w", command=["sh", "-c", script],
         devices=[{"host_path": "/dev/loop0", "container_path": "/dev/xloop", "permissions": "w"}]))
     assert "node" in log and "read-refused" in log
+
+
+async def test_default_ulimits_reach_the_container(base_dir, cgroup_parent, rootfs):
+    import resource
+
+    from tests.runtimed.conftest import make_config, running
+
+    own = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    config = make_config(base_dir, default_ulimits=["stack=8388608:16777216", f"nofile=1000:{own + 5}"])
+    async with running(config, base_dir, cgroup_parent) as rt:
+        pod = await new_pod(rt, cgroup_parent)
+        command = ["sh", "-c", "ulimit -Ss; ulimit -Hs; ulimit -Sn; ulimit -Hn"]
+        status, log = await run_to_exit(rt, pod, rootfs, container_config(command=command))
+    assert status["exit_code"] == 0, log
+    # Above runtimed's own hard limit, and without CAP_SYS_RESOURCE to raise it: lowered to it, not refused.
+    raised = "CAP_SYS_RESOURCE" in privileges.effective_capabilities()
+    assert log.split() == ["8192", "16384", "1000", str(own + 5 if raised else own)]

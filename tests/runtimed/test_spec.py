@@ -246,3 +246,26 @@ def test_recursive_read_only_needs_runc_1_1_and_mount_setattr(monkeypatch):
     assert not asyncio.run(detect(("crun", "1.14"))).recursive_read_only_mounts
     found = asyncio.run(detect(("runc", "1.1.5"), mount_setattr=False))
     assert not found.recursive_read_only_mounts and found.reason == "kernel 5.4 is old"
+
+
+def test_default_ulimits_are_the_process_rlimits_within_runtimeds_own(tmp_path):
+    import resource
+
+    own = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # always finite (fs.nr_open at most)
+    rc = RuntimeConfig(default_ulimits=["nproc=50:60", f"nofile=100:{own + 1}", "core=0:-1"])
+    rootfs = tmp_path / "rootfs"
+    make_rootfs(rootfs)
+
+    def rlimits(available: frozenset[str]) -> list[dict]:
+        return spec.build(container_id="c", config={"command": ["sh"]}, image={}, rootfs=str(rootfs),
+                          sandbox=_facts(), rc=rc, available_caps=available).spec["process"]["rlimits"]
+
+    assert rlimits(ALL | {"CAP_SYS_RESOURCE"}) == [
+        {"type": "RLIMIT_NPROC", "soft": 50, "hard": 60},
+        {"type": "RLIMIT_NOFILE", "soft": 100, "hard": own + 1},
+        {"type": "RLIMIT_CORE", "soft": 0, "hard": 2**64 - 1}]
+    # Without CAP_SYS_RESOURCE runc could not raise a hard limit above runtimed's own.
+    without = rlimits(ALL)
+    assert without[1] == {"type": "RLIMIT_NOFILE", "soft": 100, "hard": own}
+    assert without[0] == {"type": "RLIMIT_NPROC", "soft": 50, "hard": 60}
+    assert "rlimits" not in _build(tmp_path, {}).spec["process"]
