@@ -96,7 +96,8 @@ def run_service(name: str, config: Config, sources: ConfigSources) -> int:
     logs.configure(name, config.criopy.log.level_of(name, config.crio.runtime.log_level), config.criopy.log.log_format)
     tracing.configure(name, config.crio.tracing, relayed=not cls.network)
     faults.arm(os.environ)
-    metrics.SERVICE_RESTARTS.inc(int(restarts) if restarts.isdigit() else 0)
+    _restarts_before_start[0] = int(restarts) if restarts.isdigit() else 0
+    _turn_metrics_on(config)
     log.info("service_starting", capabilities=sorted(kept), identity=target.describe())
     try:
         asyncio.run(_serve(cls(config), config, sources, late_switch=target if late else None,
@@ -116,11 +117,24 @@ async def reload_service(service: Service, sources: ConfigSources) -> ReloadResu
     config = service.config
     logs.configure(service.name, config.criopy.log.level_of(service.name, config.crio.runtime.log_level),
                    config.criopy.log.log_format)
+    _turn_metrics_on(config)
     if any(path.startswith("crio.tracing.") for path in result.applied):
         tracing.configure(service.name, config.crio.tracing)
     await service.apply_config(result)
     log.info("config_reloaded", **result.describe())
     return result
+
+
+# The supervisor's restart count, handed over at start, for metrics turned on later by a reload.
+_restarts_before_start = [0]
+
+
+def _turn_metrics_on(config: Config) -> None:
+    """Count from now on when the configuration asks for metrics (at start, or at the reload that turns
+    them on); a reload that turns them off leaves them counting, for the next scrape that comes."""
+    if config.crio.metrics.enable_metrics and not metrics.enabled():
+        metrics.enable()
+        metrics.SERVICE_RESTARTS.inc(_restarts_before_start[0])
 
 
 def _log_level(service: Service) -> str:

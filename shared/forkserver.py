@@ -43,7 +43,7 @@ log = structlog.get_logger(__name__)
 # alone: the pages it touches would otherwise be copied out of the shared ones, and held twice.
 COMMON_MODULES = (
     "asyncio", "json", "msgpack", "structlog", "zmq", "zmq.asyncio", "tenacity",
-    "prometheus_client", "opentelemetry.trace",
+    "opentelemetry.trace",
     "shared.cli", "shared.daemon", "shared.bus.client", "shared.bus.streams", "shared.programs",
     "shared.mounts", "shared.mountinfo", "shared.atomic", "shared.keyed_locks",
     "shared.bus.feed", "shared.quarantine", "shared.short_ids",

@@ -8,6 +8,7 @@ daemon's group, with no capability at all.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import grpc
 import zmq.asyncio
@@ -15,12 +16,14 @@ import zmq.asyncio
 from services.frontend import abandoned
 from services.frontend.daemons import Daemons
 from services.frontend.grpc_server import bind_server
-from services.frontend.metrics_endpoint import MetricsEndpoint
 from services.frontend.span_relay import SpanRelay
 from services.frontend.streaming import stop_streaming_server, streaming_server
 from shared.bus.api import FRONTEND_API
 from shared.bus.service import Service
 from shared.reload import ReloadResult
+
+if TYPE_CHECKING:
+    from services.frontend.metrics_endpoint import MetricsEndpoint
 
 
 class Frontend(Service):
@@ -59,6 +62,9 @@ class Frontend(Service):
             await self._metrics.close()
             self._metrics = None
         if self.config.crio.metrics.enable_metrics:
+            # Loaded with metrics only: it brings prometheus_client (see shared/metrics.py).
+            from services.frontend.metrics_endpoint import MetricsEndpoint
+
             self._metrics = MetricsEndpoint(self.config, self.daemons)
             await self._metrics.start()
 

@@ -19,6 +19,8 @@ from shared.bus.events import EventPublisher
 from shared.errors import ResourceExhausted
 from tests.support.stack import root_as_frontend, short_tempdir
 
+metrics.enable()  # the counts these tests read exist with metrics on
+
 
 @dataclass
 class _Daemons:

@@ -14,6 +14,8 @@ from shared import metrics
 from shared.errors import NotFound
 from tests.imaged.conftest import stored_blobs
 
+metrics.enable()  # the counts these tests read exist with metrics on
+
 TAG = "example.com/app:latest"
 
 

@@ -27,6 +27,8 @@ from shared.config import Config, TracingConfig
 from tests.support.echo_daemon import Echo
 from tests.support.stack import REPO, short_tempdir
 
+metrics.enable()  # the counts these tests read exist with metrics on
+
 MAX_BYTES = 64 * 1024
 
 

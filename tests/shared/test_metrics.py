@@ -1,14 +1,19 @@
-"""CRI-O's metric families: their labels and values, and how the merged page carries them."""
+"""CRI-O's metric families: their labels and values, and how the merged page carries them; and
+metrics off, which load nothing of prometheus_client."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.frontend.metrics_endpoint import merge
-from shared import metrics
+from shared import metric_families, metrics
+
+metrics.enable()  # as a service whose configuration turns metrics on
 
 
 def test_size_classes_are_crio_s() -> None:
@@ -37,7 +42,7 @@ def test_pull_failure_reasons_from_crio_py_s_messages() -> None:
 
 
 def test_latency_summary_has_crio_s_quantiles_over_a_window() -> None:
-    summary = metrics._WindowSummary("s_seconds_total", "help", "operation", (0.5, 0.9, 0.99), keep=100)
+    summary = metric_families._WindowSummary("s_seconds_total", "help", "operation", (0.5, 0.9, 0.99), keep=100)
     for ms in range(1, 101):
         summary.observe("Version", ms / 1000)
     samples = {(s.name, s.labels.get("quantile")): s.value for s in summary.collect()[0].samples}
@@ -83,3 +88,25 @@ def _registry(families: list) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Static())  # type: ignore[arg-type]
     return registry
+
+
+def test_metrics_off_load_no_prometheus_and_count_from_when_they_are_turned_on() -> None:
+    # A fresh interpreter: this one turned metrics on above.
+    script = """
+import sys
+from shared import daemon, metrics
+from services.frontend import service
+import services.runtimed.service, services.imaged.service, services.netd.service, services.storaged.service
+assert "prometheus_client" not in sys.modules, "loaded with metrics off"
+metrics.observe_operation("Version", "OK", 0.001)
+metrics.container_oom_killed("c")
+assert metrics.exposition() == ""
+metrics.enable()
+metrics.observe_operation("Version", "OK", 0.001)
+page = metrics.exposition()
+assert 'criopy_operations_total{code="OK",operation="Version"} 1.0' in page, page
+assert "criopy_containers_oom_total 0.0" in page, page
+assert metrics.CRIO_OWNERS["container_runtime_crio_containers_oom"] == "runtimed"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -18,6 +18,8 @@ from shared.errors import NotFound
 from tests.storaged import support as T
 from tests.storaged.test_restart import mounted, restarted
 
+metrics.enable()  # the counts these tests read exist with metrics on
+
 CID = "torn" + "0" * 60
 OTHER = "torn" + "1" * 60
 
