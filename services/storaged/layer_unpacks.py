@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -23,6 +22,7 @@ import structlog
 
 from services.storaged.digests import chain_ids, check_digest
 from services.storaged.layer_store import LayerRecord, LayerStore
+from services.storaged.leases import Leases
 from shared import tracing
 from shared.config import Config
 from shared.errors import CriopyError, InvalidArgument
@@ -36,6 +36,7 @@ _PARALLEL_UNPACKS = max(1, min(4, os.cpu_count() or 1))
 # a holder that died (a frontend restarted mid-pull) cannot keep layers forever.
 MAX_LEASE_SECONDS = 3600.0
 DEFAULT_LEASE_SECONDS = 600.0
+LEASES_FILE = "leases.json"
 
 
 @dataclass
@@ -69,8 +70,8 @@ class LayerUnpacks:
         self._made: dict[str, _Made] = {}
         self._calls = itertools.count(1)
         # Chain ids a caller keeps past its unpack call, until it releases them or the lease
-        # runs out (PullImage: until imaged lists the image): {lease: (chain ids, monotonic end)}.
-        self._leases: dict[str, tuple[frozenset[str], float]] = {}
+        # runs out (PullImage: until imaged lists the image).
+        self._leases = Leases(os.path.join(store.root, LEASES_FILE))
         # Layers being deleted, by chain id: unpacking one again waits until its directory is gone.
         self._removing: dict[str, asyncio.Future[Any]] = {}
         # One garbage collection at a time.
@@ -104,6 +105,7 @@ class LayerUnpacks:
         chain = chain_ids([s["diff_id"] for s in specs])
         if lease is not None:
             self._lease(lease, chain, lease_seconds)
+            await self._leases.save()
         call = next(self._calls)
         finished = False
         try:
@@ -120,8 +122,8 @@ class LayerUnpacks:
             if finished:
                 self._release(call, succeeded=True)
             else:
-                if lease is not None:
-                    self._leases.pop(lease, None)  # a failed unpack keeps nothing
+                if lease is not None and self._leases.drop(lease):  # a failed unpack keeps nothing
+                    await asyncio.shield(asyncio.ensure_future(self._leases.save()))
                 # Also when the caller gave up: the undo runs to its end, and the
                 # error is answered only once the store is back as it was.
                 await asyncio.shield(asyncio.ensure_future(self._undo_unpack(call)))
@@ -136,20 +138,17 @@ class LayerUnpacks:
             seconds = DEFAULT_LEASE_SECONDS
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
             raise InvalidArgument(f"lease_seconds must be a positive number, not {seconds!r:.50}")
-        held, _ = self._leases.get(lease, (frozenset(), 0.0))
-        self._leases[lease] = (held | frozenset(chain), time.monotonic() + min(seconds, MAX_LEASE_SECONDS))
+        self._leases.take(lease, chain, min(seconds, MAX_LEASE_SECONDS))
 
-    def release(self, lease: str) -> bool:
+    async def release(self, lease: str) -> bool:
         """End a lease: its layers are collectable again. False when there was none."""
-        return self._leases.pop(lease, None) is not None
+        if not self._leases.drop(lease):
+            return False
+        await self._leases.save()
+        return True
 
     def _leased(self) -> set[str]:
-        now = time.monotonic()
-        for lease, (_, until) in list(self._leases.items()):
-            if until <= now:
-                log.warning("layer_lease_expired", lease=lease)
-                del self._leases[lease]
-        return {cid for chain, _ in self._leases.values() for cid in chain}
+        return self._leases.layers()
 
     async def _ensure_layer(self, chain_id: str, parent: str | None, spec: dict, call: int) -> None:
         """Unpack one layer unless it is there; concurrent requests share the work."""

@@ -145,7 +145,7 @@ class Storaged(Service):
     @method
     async def release_layers(self, lease: str) -> dict[str, Any]:
         """End a lease taken by `unpack`: its layers are collectable again. An unknown lease is not an error."""
-        return {"released": self._unpacks.release(lease)}
+        return {"released": await self._unpacks.release(lease)}
 
     @method
     async def layer_status(self, chain_id: str) -> dict[str, Any] | None:

@@ -49,7 +49,7 @@ async def test_a_failed_unpack_keeps_no_lease(storaged, blob_dir):
     with pytest.raises(InvalidArgument, match="diff_id"):
         await storaged.unpack(layers=[specs[0], {**specs[1], "diff_id": "sha256:" + "0" * 64}], lease="pull 2")
     assert await layer_ids(storaged) == set()
-    assert storaged._unpacks._leases == {}
+    assert not storaged._unpacks._leases
 
 
 @pytest.mark.parametrize("lease, seconds", [("", 10), ("x" * 300, 10), ("ok", 0), ("ok", "soon")])
@@ -86,3 +86,36 @@ async def test_an_unpack_waits_for_the_collection_deleting_the_same_layer(storag
     assert sorted(os.listdir(root / "layers")) == sorted(c.split(":")[1] for c in unpacked["chain_ids"])
     for record in await storaged.list_layers():
         assert (root / "l" / record["link"] / ("bin/base" if record["parent"] is None else "a")).is_file()
+
+
+async def test_a_lease_outlives_a_storaged_restart(storaged, config, blob_dir):
+    from tests.storaged.test_restart import restarted
+
+    unpacked = await storaged.unpack(layers=stack(blob_dir, "a"), lease="pull 3", lease_seconds=300)
+    gone = await storaged.unpack(layers=stack(blob_dir, "c"), lease="pull of a dead frontend", lease_seconds=0.05)
+    await asyncio.sleep(0.1)
+    # No stop(): as if the process was killed in the middle of the pull.
+    again = await restarted(config)
+    try:
+        # The lease that ran out meanwhile is gone; the other still spares its layers.
+        assert (await again.gc_layers(keep_top_layers=[]))["removed"] == [gone["top_layer"]]
+        assert await layer_ids(again) == set(unpacked["chain_ids"])
+        assert await again.release_layers(lease="pull 3") == {"released": True}
+        assert sorted((await again.gc_layers(keep_top_layers=[]))["removed"]) == sorted(unpacked["chain_ids"])
+    finally:
+        await again.stop()
+
+
+async def test_an_unreadable_lease_table_keeps_no_lease(storaged, config, blob_dir):
+    from services.storaged.layer_unpacks import LEASES_FILE
+    from tests.storaged.test_restart import restarted
+
+    unpacked = await storaged.unpack(layers=stack(blob_dir, "a"), lease="pull 4", lease_seconds=300)
+    Path(storaged._layers.root, LEASES_FILE).write_text("{torn")
+    again = await restarted(config)
+    try:
+        assert sorted((await again.gc_layers(keep_top_layers=[]))["removed"]) == sorted(unpacked["chain_ids"])
+    finally:
+        await again.stop()
+    [aside] = Path(storaged._layers.root, "quarantine").glob("layer_leases-*")
+    assert (aside / LEASES_FILE).read_text() == "{torn"
