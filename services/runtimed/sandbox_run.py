@@ -184,6 +184,26 @@ async def _finish(ctx: Context, rec: dict[str, Any]) -> None:
         faults.point("runtimed.create_sandbox.after_infra")
 
 
+async def _hand_over_cgroups(ctx: Context, rec: dict[str, Any], busy: list[str]) -> list[str]:
+    """Cgroup directories this pod made that other pods still use (pods sharing one parent, as the
+    kubelet's without QoS cgroups do): each of those pods takes them over, and the last to go removes
+    them. What no other pod uses is returned, left in use by something else."""
+    left = []
+    for directory in busy:
+        heirs = [other for other in ctx.records.sandboxes.values()
+                 if other["id"] != rec["id"] and other.get("cgroup_parent")
+                 and any(d == directory or d.startswith(directory + "/")
+                         for d in cgroups.controller_dirs(other["cgroup_parent"]))]
+        for heir in heirs:
+            made = heir.setdefault("cgroups_made", [])
+            if directory not in made:
+                made.append(directory)
+                await ctx.records.save_sandbox(heir)
+        if not heirs:
+            left.append(directory)
+    return left
+
+
 async def teardown(ctx: Context, rec: dict[str, Any], *, remove: bool) -> None:
     """Undo what creation made (all of it when `remove`, else only what runs); every step tolerates absence."""
     if remove:
@@ -199,8 +219,9 @@ async def teardown(ctx: Context, rec: dict[str, Any], *, remove: bool) -> None:
     for key in ("ipc_ns_path", "uts_ns_path"):
         namespaces.unpin(rec.get(key))
     busy = await cgroups.remove_dirs(rec.get("cgroups_made") or [])
-    if busy:
-        log.warning("sandbox_cgroups_left", sandbox_id=rec["id"], dirs=busy)
+    left = await _hand_over_cgroups(ctx, rec, busy)
+    if left:
+        log.warning("sandbox_cgroups_left", sandbox_id=rec["id"], dirs=left)
     pod_dir, run_dir = ctx.sandbox_paths(rec["id"])
     for d in (run_dir, pod_dir):
         await asyncio.to_thread(rmtree_unmounting, d)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from services.runtimed import cgroups
-from shared import privileges
+from shared import metrics, privileges
 from shared.errors import InvalidArgument
 from tests.runtimed.conftest import IMAGE, container_config, new_container, new_pod, run_to_exit
 
@@ -144,6 +144,7 @@ def _sample(text: str, name: str) -> float:
 
 
 async def test_oom_killed(runtimed, cgroup_parent, rootfs):
+    metrics.enable()  # as a runtimed whose configuration turns metrics on
     before = await runtimed.metrics()
     kills_before = _sample(before, "criopy_containers_oom_total")
     crio_kills_before = _sample(before, "container_runtime_crio_containers_oom_total ")

@@ -196,3 +196,19 @@ async def test_a_reservation_outlives_no_frontend(runtimed, cgroup_parent):
     assert fresh["created"] and fresh["id"] != left["id"]
     assert (await runtimed.take_over_reservations(holder="new"))["sandboxes"] == []
     assert set((await runtimed.record_ids())["sandboxes"]) == {first["id"], fresh["id"]}
+
+
+async def test_a_shared_cgroup_parent_goes_with_the_last_pod_that_uses_it(runtimed, cgroup_parent, rootfs):
+    from services.runtimed import cgroups
+
+    # Pods of one parent, as the kubelet makes them without QoS cgroups; the first made the parent.
+    first = await new_pod(runtimed, cgroup_parent, name="first")
+    second = await new_pod(runtimed, cgroup_parent, name="second")
+    await new_container(runtimed, second, rootfs, container_config(command=["sleep", "30"]))
+    parent_dirs = cgroups.controller_dirs(cgroup_parent)
+    for pod in (first, second):
+        await runtimed.stop_sandbox(sandbox_id=pod)
+        await runtimed.remove_sandbox(sandbox_id=pod)
+        if pod == first:
+            assert all(os.path.isdir(d) for d in parent_dirs)  # the second pod's container is in it
+    assert not any(os.path.isdir(d) for d in parent_dirs)
