@@ -260,7 +260,7 @@ async def wait_gone(pid: int | None, start: int | None, timeout: float = GONE_TI
     if not pid:
         return
     deadline = time.monotonic() + timeout
-    while process.pid_alive(pid) and (start is None or process.process_start_time(pid) == start):
+    while process.still_running(pid, start):
         if time.monotonic() > deadline:
             log.warning("conmon_killed", pid=pid)
             try:

@@ -68,14 +68,10 @@ async def _wait_readable(fd: int, init_pid: int, init_start: int | None, timeout
                 return
             except TimeoutError:
                 pass
-            if not _alive(init_pid, init_start):
+            if not process.still_running(init_pid, init_start):
                 # It may have written and ended between two checks: the byte would still be there.
                 return
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(f"the container's init did not open its exec fifo within {timeout:g}s")
     finally:
         loop.remove_reader(fd)
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    return process.pid_alive(pid) and (start is None or process.process_start_time(pid) == start)

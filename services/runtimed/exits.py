@@ -38,10 +38,7 @@ def conmon_alive(rec: dict[str, Any], *, lenient: bool = False) -> bool:
         if not pid:
             return False
         return process.pid_alive(pid) if lenient else False
-    if not process.pid_alive(pid):
-        return False
-    start = rec.get("conmon_start")
-    return start is None or process.process_start_time(pid) == start
+    return process.still_running(pid, rec.get("conmon_start"))
 
 
 async def refresh(ctx: Context, rec: dict[str, Any]) -> None:

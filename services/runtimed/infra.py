@@ -30,9 +30,7 @@ EXIT_WAIT = 10.0
 def alive(rec: dict[str, Any]) -> bool:
     infra = rec.get("infra") or {}
     pid = infra.get("pid")
-    if not pid or not process.pid_alive(pid):
-        return False
-    return infra.get("pid_start") is None or process.process_start_time(pid) == infra["pid_start"]
+    return bool(pid) and process.still_running(pid, infra.get("pid_start"))
 
 
 def refresh(rec: dict[str, Any]) -> bool:

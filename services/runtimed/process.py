@@ -15,6 +15,12 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def still_running(pid: int, start: int | None) -> bool:
+    """Whether the process that had `pid` and started at `start` (ticks; None: any) runs:
+    not ended, and its pid not reused by another process since."""
+    return pid_alive(pid) and (start is None or process_start_time(pid) == start)
+
+
 def process_start_time(pid: int) -> int | None:
     """The start time of a process in clock ticks since boot, to tell reused pids apart."""
     try:
