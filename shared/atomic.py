@@ -8,22 +8,22 @@ import secrets
 from typing import Any
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename or an unlink in `path` survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _fsync_path(path: str | os.PathLike[str], flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or an unlink in `path` survive a crash."""
+    _fsync_path(path, os.O_DIRECTORY)
 
 
 def sync(path: str | os.PathLike[str]) -> None:
     """Make a file written without `durable` (see write_bytes), and its name, survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path)
     fsync_dir(os.path.dirname(os.fspath(path)) or ".")
 
 
