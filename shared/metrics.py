@@ -97,13 +97,14 @@ def enable() -> None:
         return
     from shared import metric_families
 
-    globals().update({name: getattr(metric_families, name) for name in _FAMILIES})
+    # Every stand-in above is replaced by the family of its name.
+    stand_ins = [name for name, value in globals().items() if value is _OFF and not name.startswith("_")]
+    globals().update({name: getattr(metric_families, name) for name in stand_ins})
     CRIO_OWNERS.update(metric_families.CRIO_OWNERS)
     _children.clear()
     REGISTRY = metric_families.REGISTRY
 
 
-_FAMILIES = ("SERVICE_RESTARTS", "BUS_REFUSED", "OPERATIONS", "OPERATION_LATENCY", "BUS_CALLS", "BUS_CALL_LATENCY", "READ_MODEL_SYNCS", "IMAGE_PULLS", "IMAGE_PULL_BYTES", "IMAGE_PULL_DURATION", "STATE_RECORDS_QUARANTINED", "CONTAINERS", "PODS", "OOM_KILLS", "CNI_CALL_LATENCY", "CRIO_OPERATIONS", "CRIO_OPERATIONS_ERRORS", "CRIO_OPERATIONS_LATENCY", "CRIO_OPERATIONS_LATENCY_TOTAL", "CRIO_IMAGE_PULLS_SUCCESS", "CRIO_IMAGE_PULLS_FAILURE", "CRIO_CONTAINERS_EVENTS_DROPPED", "CRIO_IMAGE_PULLS_BYTES", "CRIO_IMAGE_PULLS_SKIPPED_BYTES", "CRIO_IMAGE_PULLS_LAYER_SIZE", "CRIO_IMAGE_LAYER_REUSE", "CRIO_CONTAINERS_OOM", "CRIO_CONTAINERS_OOM_COUNT", "CRIO_CONTAINERS_STOPPED_MONITOR", "CRIO_RESOURCES_STALLED")
 
 
 # Computed by the frontend's endpoint on each scrape (a walk of /proc), not kept in a registry.

@@ -110,3 +110,12 @@ assert metrics.CRIO_OWNERS["container_runtime_crio_containers_oom"] == "runtimed
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_family_replaces_its_stand_in_when_metrics_are_on() -> None:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    families = {name: value for name, value in vars(metric_families).items()
+                if isinstance(value, (Counter, Gauge, Histogram, metric_families._WindowSummary))}
+    assert families and all(getattr(metrics, name) is family for name, family in families.items())
+    assert [name for name, value in vars(metrics).items() if value is metrics._OFF and not name.startswith("_")] == []
